@@ -1,0 +1,242 @@
+"""The event model: what agents report and what the hive concludes.
+
+One versioned schema (``v``) covers every host event. Payloads arrive as JSON,
+are decoded with orjson and validated field by field with msgspec, so a bad
+event is refused with a reason that names the field at fault. See
+``docs/events.md`` for the schema and its ECS equivalents.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+import msgspec
+import orjson
+import uuid6
+
+from immune.errors import EventError, PayloadTooLargeError
+
+SCHEMA_VERSION = 1
+
+#: Process and network activity an agent reports, plus its own lifecycle.
+HOST_KINDS = ("exec", "fork", "exit", "connect", "bind", "open", "setuid")
+AGENT_KINDS = ("agent_start", "agent_stop", "sensor_error")
+KINDS = HOST_KINDS + AGENT_KINDS
+SEVERITIES = ("info", "low", "medium", "high", "critical")
+SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
+
+Kind = Literal[
+    "exec",
+    "fork",
+    "exit",
+    "connect",
+    "bind",
+    "open",
+    "setuid",
+    "agent_start",
+    "agent_stop",
+    "sensor_error",
+]
+Severity = Literal["info", "low", "medium", "high", "critical"]
+Outcome = Literal["allowed", "blocked", "unknown"]
+Family = Literal["inet", "inet6", "unix"]
+
+# Identifiers travel in MQTT topics and file names: keep them to a safe set.
+Ident = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+Text = Annotated[str, msgspec.Meta(max_length=4096)]
+ShortText = Annotated[str, msgspec.Meta(max_length=256)]
+Id32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+Pid = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+TimestampNs = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
+Argv = Annotated[list[Text], msgspec.Meta(max_length=1024)]
+Extra = Annotated[
+    dict[ShortText, str | int | float | bool | None], msgspec.Meta(max_length=64)
+]
+
+
+class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One thing that happened on a host.
+
+    Only ``id``, ``agent_id``, ``host``, ``ts`` and ``kind`` are required; the
+    rest is filled in where the sensor knows it. Unknown fields are ignored,
+    so newer agents can talk to older hives; put sensor-specific data in
+    ``extra``.
+    """
+
+    id: Ident
+    agent_id: Ident
+    host: ShortText
+    ts: TimestampNs
+    kind: Kind
+    v: Annotated[int, msgspec.Meta(ge=1, le=SCHEMA_VERSION)] = SCHEMA_VERSION
+    pid: Pid | None = None
+    ppid: Pid | None = None
+    uid: Id32 | None = None
+    euid: Id32 | None = None
+    old_euid: Id32 | None = None
+    comm: ShortText | None = None
+    exe: Text | None = None
+    argv: Argv | None = None
+    cwd: Text | None = None
+    path: Text | None = None
+    addr: ShortText | None = None
+    port: Port | None = None
+    family: Family | None = None
+    exit_code: int | None = None
+    outcome: Outcome = "allowed"
+    severity: Severity = "info"
+    sensor: ShortText = "unknown"
+    extra: Extra | None = None
+
+    @property
+    def topic(self) -> str:
+        """The bus topic this event is published on."""
+        return f"event.{self.kind}"
+
+    @property
+    def cmdline(self) -> str:
+        """The command line as one string (argv joined), or the executable."""
+        if self.argv:
+            return " ".join(self.argv)
+        return self.exe or ""
+
+
+class Alert(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A conclusion a detection drew from one or more events."""
+
+    id: str
+    ts: int
+    rule: ShortText
+    title: Text
+    severity: Severity
+    plugin: ShortText
+    agent_id: str | None = None
+    host: str | None = None
+    event_ids: list[str] = msgspec.field(default_factory=list)
+    techniques: list[str] = msgspec.field(default_factory=list)
+    description: Text = ""
+    count: int = 1
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @property
+    def topic(self) -> str:
+        return f"alert.{self.severity}"
+
+
+class Batch(msgspec.Struct, kw_only=True):
+    """The envelope an agent publishes: many events in one MQTT message."""
+
+    events: list[Any]
+    v: int = SCHEMA_VERSION
+    agent_id: str | None = None
+
+
+class Rejected(msgspec.Struct, kw_only=True):
+    """One event of a batch that failed validation."""
+
+    index: int | None
+    reason: str
+    raw: Any = None
+
+
+def new_id() -> str:
+    """A unique, time-ordered identifier (UUIDv7, 36 characters)."""
+    return str(uuid6.uuid7())
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def _reason(exc: msgspec.ValidationError, prefix: str) -> tuple[str, str | None]:
+    # msgspec says "Expected `int`, got `str` - at `$.pid`"; point at the
+    # field inside the batch rather than inside the lone event.
+    text, _, where = str(exc).partition(" - at `$")
+    field = prefix + where.rstrip("`")
+    return f"{text} at {field}", field
+
+
+def parse_event(obj: Any, *, prefix: str = "$") -> Event:
+    """Validate one decoded JSON object as an :class:`Event`.
+
+    Raises:
+        EventError: naming the field at fault.
+    """
+    if not isinstance(obj, dict):
+        raise EventError(f"an event must be a JSON object, got {type(obj).__name__}")
+    try:
+        return msgspec.convert(obj, Event)
+    except msgspec.ValidationError as exc:
+        reason, field = _reason(exc, prefix)
+        raise EventError(reason, field) from None
+
+
+def decode_batch(
+    payload: bytes, *, max_bytes: int, agent_id: str | None = None
+) -> tuple[list[Event], list[Rejected]]:
+    """Decode an MQTT payload holding one event or a batch of events.
+
+    A payload is either ``{"events": [...]}`` or a single event object. Each
+    event of a batch is validated on its own: the good ones are returned, the
+    bad ones come back as :class:`Rejected` with their reason.
+
+    Args:
+        payload: the raw bytes.
+        max_bytes: the largest payload accepted; larger ones are refused whole.
+        agent_id: when given, events claiming another agent are rejected (the
+            topic names the agent that sent them).
+
+    Raises:
+        EventError: the payload as a whole is unusable (too large, not JSON,
+            not an object).
+    """
+    if len(payload) > max_bytes:
+        msg = f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}"
+        raise PayloadTooLargeError(msg)
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise EventError(f"payload is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        msg = f"payload must be a JSON object, got {type(obj).__name__}"
+        raise EventError(msg)
+
+    if "events" not in obj:
+        items, prefix = [obj], "$"
+    else:
+        items = obj["events"]
+        if not isinstance(items, list):
+            raise EventError("`events` must be a JSON array", "$.events")
+        prefix = "$.events[{}]"
+
+    good: list[Event] = []
+    bad: list[Rejected] = []
+    for index, item in enumerate(items):
+        where = prefix.format(index)
+        try:
+            event = parse_event(item, prefix=where)
+        except EventError as exc:
+            bad.append(Rejected(index=index, reason=exc.reason, raw=item))
+            continue
+        if agent_id is not None and event.agent_id != agent_id:
+            reason = (
+                f"event at {where} claims agent {event.agent_id!r} but was "
+                f"published on the topic of agent {agent_id!r}"
+            )
+            bad.append(Rejected(index=index, reason=reason, raw=item))
+            continue
+        good.append(event)
+    return good, bad
+
+
+def encode(obj: msgspec.Struct | dict[str, Any] | list[Any]) -> bytes:
+    """Encode an event, an alert or a batch (of either) as compact JSON."""
+    return orjson.dumps(obj, default=msgspec.to_builtins)
+
+
+def to_dict(obj: msgspec.Struct) -> dict[str, Any]:
+    """A plain dict of a struct, without the fields left at their default."""
+    result: dict[str, Any] = msgspec.to_builtins(obj)
+    return result

@@ -1,0 +1,59 @@
+"""MQTT topic layout shared by the hive and the agents (see docs/mqtt.md).
+
+Every topic lives under a prefix (``immune/v1`` by default) so that a broker
+can host other traffic, and the version in it lets a future layout coexist.
+"""
+
+from __future__ import annotations
+
+import re
+
+DEFAULT_PREFIX = "immune/v1"
+
+# What an agent publishes, under <prefix>/agents/<agent_id>/.
+EVENTS = "events"
+REGISTER = "register"
+HEARTBEAT = "heartbeat"
+STATUS = "status"
+# What the hive publishes to one agent.
+COMMANDS = "commands"
+
+_AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+def agent_topic(prefix: str, agent_id: str, leaf: str) -> str:
+    """The topic ``<prefix>/agents/<agent_id>/<leaf>``."""
+    return f"{prefix}/agents/{agent_id}/{leaf}"
+
+
+def agent_filter(prefix: str, leaf: str) -> str:
+    """A subscription filter matching ``leaf`` of every agent."""
+    return f"{prefix}/agents/+/{leaf}"
+
+
+def alerts_topic(prefix: str, severity: str) -> str:
+    """Where the hive publishes alerts for integrators."""
+    return f"{prefix}/alerts/{severity}"
+
+
+def hive_status_topic(prefix: str) -> str:
+    return f"{prefix}/hive/status"
+
+
+def parse_agent_topic(prefix: str, topic: str) -> tuple[str, str] | None:
+    """Split ``<prefix>/agents/<id>/<leaf>`` into (id, leaf).
+
+    Returns None when the topic is not an agent topic or the id is not a valid
+    agent id, so a caller can refuse the message with a reason.
+    """
+    head = f"{prefix}/agents/"
+    if not topic.startswith(head):
+        return None
+    parts = topic[len(head) :].split("/")
+    if len(parts) != 2 or not _AGENT_ID.match(parts[0]):
+        return None
+    return parts[0], parts[1]
+
+
+def is_valid_agent_id(agent_id: str) -> bool:
+    return bool(_AGENT_ID.match(agent_id))
