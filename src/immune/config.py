@@ -52,7 +52,11 @@ class MqttConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     username: str | None = None
     password: str | None = None
     keepalive: Positive = 30
+    #: Defaults to ``immune-hive-<hostname>`` / ``immune-agent-<agent id>``.
     client_id: str = ""
+    #: Ask the broker to keep our subscriptions and queue QoS 1 messages while
+    #: we are away (MQTT clean_session false); needs a stable client_id.
+    persistent_session: bool = True
 
 
 class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -144,4 +148,6 @@ def load(path: str | os.PathLike[str] | None = None, environ=None) -> Config:
     try:
         return msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid configuration ({source} and IMMUNE_*): {exc}") from None
+        raise ConfigError(
+            f"invalid configuration ({source} and IMMUNE_*): {exc}"
+        ) from None

@@ -1,0 +1,250 @@
+"""The hive: bus, storage and plugins, started and stopped together.
+
+A plugin receives the :class:`Hive` in its hooks and uses it to publish on the
+bus, raise alerts, send commands to agents, keep dead letters and reach
+storage. The hive itself subscribes storage to every event and alert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine, Iterable
+from typing import Any
+
+import orjson
+
+from immune.bus import Bus, Subscription
+from immune.config import Config
+from immune.events import Alert, Event, Severity, encode, new_id, now_ns, to_dict
+from immune.manager import PluginInfo, PluginManager
+from immune.metrics import Metrics
+from immune.safe import printable
+from immune.storage import Store
+
+logger = logging.getLogger(__name__)
+
+
+class Hive:
+    """The running hive.
+
+    Args:
+        config: the configuration (``immune.config.load()``).
+        metrics: counters; a new set when None.
+        store: storage; by default one on ``config.hive.database``.
+        plugins: extra ``(name, plugin)`` pairs to register besides those
+            found in entry points and plugin directories (tests, embedders).
+        discover: load plugins from entry points and plugin directories.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        store: Store | None = None,
+        plugins: Iterable[tuple[str, Any]] = (),
+        discover: bool = True,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.store = store or Store(
+            config.hive.database, config=config.storage, metrics=self.metrics
+        )
+        self.bus = Bus(
+            shards=config.hive.bus_shards,
+            queue_size=config.hive.bus_queue_size,
+            metrics=self.metrics,
+            on_error=self._keep_failed_message,
+        )
+        self.plugins = PluginManager(
+            disabled=config.hive.disabled_plugins, plugin_dirs=config.hive.plugin_dirs
+        )
+        self._extra_plugins = list(plugins)
+        self._discover = discover
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._started: list[PluginInfo] = []
+        self.stopping = asyncio.Event()
+        self.started_ns = 0
+        self._last_warning: dict[str, float] = {}
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Migrate the database, load and start plugins, start the bus."""
+        self.started_ns = now_ns()
+        await asyncio.to_thread(self.store.upgrade)
+        await self.store.start()
+        self.bus.subscribe("event.#", self.store.add_event, owner="storage")
+        self.bus.subscribe("alert.#", self.store.add_alert, owner="storage")
+
+        if self._discover:
+            self.plugins.load_all()
+        for name, obj in self._extra_plugins:
+            self.plugins.register(obj, name)
+
+        for info in list(self.plugins.active()):
+            await self._start_plugin(info)
+        self.bus.start()
+        names = ", ".join(p.name for p in self._started) or "none"
+        logger.info("Hive started with plugins: %s.", names)
+
+    async def _start_plugin(self, info: PluginInfo) -> None:
+        table = self.config.plugins.get(info.name, {})
+        stage = "immune_configure"
+        try:
+            self.plugins.call_one(info, stage, hive=self, config=table)
+            stage = "immune_subscriptions"
+            subs = self.plugins.call_one(info, stage, hive=self) or []
+            for pattern, handler in subs:
+                self.bus.subscribe(pattern, handler, owner=info.name)
+                info.topics.append(pattern)
+            stage = "immune_start"
+            result = self.plugins.call_one(info, stage, hive=self)
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception as exc:  # noqa: BLE001 - one plugin must not stop the hive
+            self.bus.unsubscribe_owner(info.name)
+            self.plugins.fail(info, stage, exc)
+            self.metrics.inc("plugins.failed")
+            return
+        info.state = "running"
+        self._started.append(info)
+
+    async def stop(self) -> None:
+        """Stop sources, deliver what is queued, stop plugins, flush storage."""
+        self.stopping.set()
+        if self._tasks:
+            _done, pending = await asyncio.wait(self._tasks, timeout=10)
+            for task in pending:
+                logger.warning(
+                    "Task %s did not stop in 10 s; cancelled.", task.get_name()
+                )
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.bus.stop()
+        for info in reversed(self._started):
+            try:
+                result = self.plugins.call_one(info, "immune_stop", hive=self)
+                if asyncio.iscoroutine(result):
+                    await result
+                info.state = "stopped"
+            except Exception as exc:  # noqa: BLE001
+                self.plugins.fail(info, "immune_stop", exc)
+        self._started.clear()
+        await self.store.stop()
+        logger.info("Hive stopped.")
+
+    async def __aenter__(self) -> Hive:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def create_task(
+        self, coro: Coroutine[Any, Any, Any], name: str
+    ) -> asyncio.Task[Any]:
+        """Run a plugin's long-lived coroutine; it should end when ``stopping`` is set.
+
+        A task that ends with an exception is logged and counted.
+        """
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self.metrics.inc("hive.task_errors")
+        exc = task.exception()
+        logger.error("Task %s failed: %s", task.get_name(), exc, exc_info=exc)
+
+    # -- what plugins use --------------------------------------------------
+
+    async def publish(
+        self, topic: str, message: Any, *, key: str | None = None
+    ) -> None:
+        """Publish on the bus (see :meth:`immune.bus.Bus.publish`)."""
+        await self.bus.publish(topic, message, key=key)
+
+    async def ingest(self, events: Iterable[Event]) -> None:
+        """Put validated events on the bus, keyed by agent to keep their order."""
+        count = 0
+        for event in events:
+            await self.bus.publish(event.topic, event, key=event.agent_id)
+            count += 1
+        self.metrics.inc("events.accepted", count)
+
+    async def raise_alert(
+        self,
+        *,
+        rule: str,
+        title: str,
+        severity: Severity,
+        plugin: str,
+        events: Iterable[Event] = (),
+        techniques: Iterable[str] = (),
+        description: str = "",
+        data: dict[str, Any] | None = None,
+    ) -> Alert:
+        """Build an alert from the events that caused it and publish it.
+
+        Args:
+            rule: a stable identifier of the rule or signature that fired.
+            title: one line for a person.
+            severity: ``info`` to ``critical``.
+            plugin: the plugin raising it.
+            events: the events behind it; the first gives agent and host.
+            techniques: MITRE ATT&CK technique ids (``T1059.004``).
+        """
+        events = list(events)
+        first = events[0] if events else None
+        alert = Alert(
+            id=new_id(),
+            ts=now_ns(),
+            rule=rule,
+            title=title,
+            severity=severity,
+            plugin=plugin,
+            agent_id=first.agent_id if first else None,
+            host=first.host if first else None,
+            event_ids=[e.id for e in events],
+            techniques=list(techniques),
+            description=description,
+            data=data or {},
+        )
+        self.metrics.inc("alerts.raised")
+        await self.bus.publish(alert.topic, alert, key=alert.agent_id)
+        return alert
+
+    async def dead_letter(
+        self, source: str, reason: str, payload: bytes | None = None, raw: Any = None
+    ) -> None:
+        """Keep something the hive could not use, with the reason, and count it."""
+        self.metrics.inc("deadletters")
+        self._warn_rarely(
+            source, "Rejected input from %s: %s", source, printable(reason)
+        )
+        if payload is None and raw is not None:
+            payload = orjson.dumps(raw, default=str)
+        await self.store.add_dead_letter(source, reason, payload)
+
+    async def _keep_failed_message(
+        self, topic: str, message: Any, sub: Subscription, exc: BaseException
+    ) -> None:
+        # Keep what a plugin failed on so that it can be looked at and replayed.
+        raw = to_dict(message) if hasattr(message, "__struct_fields__") else message
+        payload = encode({"topic": topic, "message": raw})
+        reason = f"plugin {sub.owner} failed on {topic}: {type(exc).__name__}: {exc}"
+        await self.store.add_dead_letter(f"plugin:{sub.owner}", reason, payload)
+
+    def _warn_rarely(self, key: str, msg: str, *args: Any) -> None:
+        # Bad input can arrive thousands of times a second; log one line per
+        # source a second and let the counters tell the rest.
+        now = time.monotonic()
+        if now - self._last_warning.get(key, 0.0) >= 1.0:
+            self._last_warning[key] = now
+            logger.warning(msg, *args)
