@@ -68,6 +68,8 @@ class Hive:
         self.stopping = asyncio.Event()
         self.started_ns = 0
         self._last_warning: dict[str, float] = {}
+        #: Agent id to "online" or "offline", as the transport last saw it.
+        self.agent_status: dict[str, str] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -79,38 +81,58 @@ class Hive:
         self.bus.subscribe("event.#", self.store.add_event, owner="storage")
         self.bus.subscribe("alert.#", self.store.add_alert, owner="storage")
 
-        if self._discover:
-            self.plugins.load_all()
-        for name, obj in self._extra_plugins:
-            self.plugins.register(obj, name)
-
+        self._load_plugins()
         for info in list(self.plugins.active()):
             await self._start_plugin(info)
         self.bus.start()
         names = ", ".join(p.name for p in self._started) or "none"
         logger.info("Hive started with plugins: %s.", names)
 
-    async def _start_plugin(self, info: PluginInfo) -> None:
+    def _load_plugins(self) -> None:
+        if self._discover:
+            self.plugins.load_all()
+        for name, obj in self._extra_plugins:
+            self.plugins.register(obj, name)
+
+    def _prepare_plugin(self, info: PluginInfo) -> list[tuple[str, Any]] | None:
+        """Configure a plugin and get its subscriptions; None if it failed."""
         table = self.config.plugins.get(info.name, {})
         stage = "immune_configure"
         try:
             self.plugins.call_one(info, stage, hive=self, config=table)
             stage = "immune_subscriptions"
-            subs = self.plugins.call_one(info, stage, hive=self) or []
+            subs = list(self.plugins.call_one(info, stage, hive=self) or [])
+            info.topics = [pattern for pattern, _handler in subs]
+        except Exception as exc:  # noqa: BLE001 - one plugin must not stop the hive
+            self.plugins.fail(info, stage, exc)
+            self.metrics.inc("plugins.failed")
+            return None
+        return subs
+
+    async def _start_plugin(self, info: PluginInfo) -> None:
+        subs = self._prepare_plugin(info)
+        if subs is None:
+            return
+        try:
             for pattern, handler in subs:
                 self.bus.subscribe(pattern, handler, owner=info.name)
-                info.topics.append(pattern)
-            stage = "immune_start"
-            result = self.plugins.call_one(info, stage, hive=self)
+            result = self.plugins.call_one(info, "immune_start", hive=self)
             if asyncio.iscoroutine(result):
                 await result
         except Exception as exc:  # noqa: BLE001 - one plugin must not stop the hive
             self.bus.unsubscribe_owner(info.name)
-            self.plugins.fail(info, stage, exc)
+            self.plugins.fail(info, "immune_start", exc)
             self.metrics.inc("plugins.failed")
             return
         info.state = "running"
         self._started.append(info)
+
+    def describe_plugins(self) -> list[PluginInfo]:
+        """Load and configure plugins without starting them, for listings."""
+        self._load_plugins()
+        for info in list(self.plugins.active()):
+            self._prepare_plugin(info)
+        return self.plugins.list()
 
     async def stop(self) -> None:
         """Stop sources, deliver what is queued, stop plugins, flush storage."""
@@ -161,6 +183,9 @@ class Hive:
         self.metrics.inc("hive.task_errors")
         exc = task.exception()
         logger.error("Task %s failed: %s", task.get_name(), exc, exc_info=exc)
+
+    def agents_online(self) -> int:
+        return sum(1 for status in self.agent_status.values() if status == "online")
 
     # -- what plugins use --------------------------------------------------
 

@@ -225,6 +225,7 @@ class NetworkPlugin:
         store = self.hive.store
         if leaf == topics.STATUS and hello.status == "offline":
             await store.set_agent_status(agent_id, "offline")
+            self.hive.agent_status[agent_id] = "offline"
             await self.hive.publish("agent.offline", hello, key=agent_id)
             return
         fields: dict[str, Any] = {"status": "online"}
@@ -239,6 +240,7 @@ class NetworkPlugin:
         elif leaf == topics.HEARTBEAT:
             fields["data"] = {"counters": hello.counters}
         await store.upsert_agent(agent_id, **fields)
+        self.hive.agent_status[agent_id] = "online"
         await self.hive.publish(f"agent.{leaf}", hello, key=agent_id)
 
     async def _seen(self, agent_id: str, host: str) -> None:
@@ -248,6 +250,7 @@ class NetworkPlugin:
         if now - self._last_seen.get(agent_id, 0) < SEEN_EVERY_NS:
             return
         self._last_seen[agent_id] = now
+        self.hive.agent_status[agent_id] = "online"
         await self.hive.store.upsert_agent(agent_id, hostname=host, status="online")
 
     # -- agents going silent -----------------------------------------------
@@ -269,6 +272,7 @@ class NetworkPlugin:
                         agent["last_seen"],
                     )
                     await hive.store.set_agent_status(agent["id"], "offline")
+                    hive.agent_status[agent["id"]] = "offline"
 
     # -- what goes out -----------------------------------------------------
 

@@ -1,0 +1,143 @@
+"""Running the long-lived processes: the hive, the agent, and both at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from immune import broker
+from immune.agent import Agent
+from immune.config import Config
+from immune.hive import Hive
+from immune.metrics import Metrics
+from immune.mqtt import parse_url
+
+logger = logging.getLogger(__name__)
+
+STATUS_EVERY = 1.0
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+@contextlib.asynccontextmanager
+async def _broker_for(config: Config) -> AsyncIterator[str]:
+    """The configured broker if it answers, else an embedded one."""
+    address = parse_url(config.mqtt.url)
+    if await asyncio.to_thread(broker.reachable, address):
+        logger.info("Using the MQTT broker at %s.", address)
+        yield config.mqtt.url
+        return
+    logger.info("No MQTT broker answers at %s; starting one.", address)
+    async with broker.embedded() as url:
+        yield url
+
+
+async def run_hive(config: Config, stop: asyncio.Event | None = None) -> None:
+    """Run the hive until SIGINT/SIGTERM (or ``stop``)."""
+    stop = stop or asyncio.Event()
+    _stop_on_signals(stop)
+    async with Hive(config):
+        await stop.wait()
+
+
+async def run_agent(config: Config, stop: asyncio.Event | None = None) -> None:
+    """Run the agent until SIGINT/SIGTERM (or ``stop``)."""
+    stop = stop or asyncio.Event()
+    _stop_on_signals(stop)
+    await Agent(config).run(stop)
+
+
+async def run_up(
+    config: Config, console: Console, stop: asyncio.Event | None = None
+) -> None:
+    """The main job: broker if needed, hive and local agent, live status."""
+    stop = stop or asyncio.Event()
+    _stop_on_signals(stop)
+    async with _broker_for(config) as url:
+        config.mqtt.url = url
+        metrics = Metrics()
+        hive = Hive(config, metrics=metrics)
+        await hive.start()
+        agent = Agent(config, metrics=metrics)
+        agent_stop = asyncio.Event()
+        agent_task = asyncio.create_task(agent.run(agent_stop), name="immune-agent")
+        console.print(
+            f"[bold green]IMMUNE is up[/]: broker {url}, database "
+            f"{config.hive.database}. Ctrl-C to stop."
+        )
+        try:
+            await _show_status(hive, console, stop, agent_task)
+        finally:
+            agent_stop.set()
+            await asyncio.gather(agent_task, return_exceptions=True)
+            await hive.stop()
+
+
+async def _show_status(
+    hive: Hive, console: Console, stop: asyncio.Event, agent_task: asyncio.Task[None]
+) -> None:
+    rate = _Rate()
+    waiter = asyncio.create_task(stop.wait())
+    live = Live(console=console, auto_refresh=False, transient=True)
+    with live if console.is_terminal else contextlib.nullcontext():
+        while not stop.is_set():
+            await asyncio.wait({waiter, agent_task}, timeout=STATUS_EVERY)
+            if agent_task.done():
+                exc = agent_task.exception()
+                if exc is not None:
+                    raise exc
+                break
+            snapshot = hive.metrics.snapshot()
+            table = status_table(hive, snapshot, rate.update(snapshot))
+            if console.is_terminal:
+                live.update(table, refresh=True)
+    waiter.cancel()
+
+
+class _Rate:
+    def __init__(self) -> None:
+        self.last = (time.monotonic(), 0.0)
+
+    def update(self, snapshot: dict[str, float]) -> float:
+        now, total = time.monotonic(), snapshot.get("events.accepted", 0)
+        then, before = self.last
+        self.last = (now, total)
+        return (total - before) / max(now - then, 1e-6)
+
+
+def status_table(hive: Hive, m: dict[str, float], rate: float) -> Table:
+    """The one-line live status of ``immune up``."""
+    table = Table(box=None, show_header=True, header_style="bold")
+    for column in (
+        "agents",
+        "events",
+        "events/s",
+        "alerts",
+        "dead letters",
+        "dropped",
+        "db pending",
+    ):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(hive.agents_online()),
+        f"{int(m.get('events.accepted', 0)):,}",
+        f"{rate:,.0f}",
+        f"{int(m.get('alerts.raised', 0)):,}",
+        f"{int(m.get('deadletters', 0)):,}",
+        f"{int(m.get('agent.dropped', 0)):,}",
+        f"{int(m.get('storage.pending', 0)):,}",
+    )
+    return table
