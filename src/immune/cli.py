@@ -23,7 +23,8 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from immune import __version__, config as config_mod
+from immune import __version__
+from immune import config as config_mod
 from immune.config import Config
 from immune.errors import ConfigError, ImmuneError
 from immune.events import SEVERITIES
