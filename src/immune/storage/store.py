@@ -1,0 +1,555 @@
+"""The hive's write path and read API.
+
+Events, alerts and dead letters are buffered and written in batches, one
+transaction per batch, from a worker thread, so the event loop never waits on
+the database. A batch is written when ``batch_size`` rows are pending or every
+``flush_interval`` seconds. Nothing is dropped: when the database is locked or
+gone, the rows stay pending and the write is retried with exponential backoff;
+when ``max_pending`` rows are pending, writers wait. A row the database
+refuses by itself becomes a dead letter with the database's reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from itertools import islice
+from types import TracebackType
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+
+from immune.config import StorageConfig
+from immune.errors import StorageError
+from immune.events import Alert, Event, new_id
+from immune.metrics import Metrics
+from immune.storage import migrate, queries
+from immune.storage.engine import (
+    DEFAULT_BUSY_TIMEOUT,
+    is_transient,
+    make_engine,
+    normalize_url,
+)
+from immune.storage.writer import (
+    Batch,
+    Outcome,
+    Row,
+    Statements,
+    db_reason,
+    dead_letter_row,
+    payload_of,
+    write_batch,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: First and longest wait between two tries of a failed write, in seconds.
+BACKOFF_START = 0.05
+BACKOFF_MAX = 5.0
+
+
+class Store:
+    """The database of the hive.
+
+    Args:
+        url: ``sqlite:///path`` or ``postgresql://...`` (psycopg 3).
+        config: batch size, flush interval and the most rows held pending.
+        metrics: where the ``storage.*`` counters are kept.
+        busy_timeout: seconds a SQLite connection waits for a lock before a
+            write fails (and is retried).
+    """
+
+    def __init__(
+        self,
+        url: str | URL,
+        *,
+        config: StorageConfig | None = None,
+        metrics: Metrics | None = None,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    ) -> None:
+        self.url = normalize_url(url)
+        self.config = config or StorageConfig()
+        self.metrics = metrics or Metrics()
+        self._writer = make_engine(self.url, writer=True, busy_timeout=busy_timeout)
+        self._reader = make_engine(self.url, writer=False, busy_timeout=busy_timeout)
+        self._sql = Statements.for_dialect(self._writer.dialect.name)
+        self._events: list[tuple[int, Event]] = []
+        self._alerts: dict[str, Alert] = {}
+        self._dead: list[Row] = []
+        self._in_flight = 0
+        self._flush_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        # Writes whose waiter was cancelled; their thread still runs.
+        self._orphans: set[asyncio.Future[Outcome]] = set()
+
+    def __repr__(self) -> str:
+        return f"Store({self.url.render_as_string(hide_password=True)!r})"
+
+    @property
+    def pending(self) -> int:
+        """Rows accepted but not yet written (including those being written)."""
+        return (
+            len(self._events) + len(self._alerts) + len(self._dead) + (self._in_flight)
+        )
+
+    # Lifecycle
+
+    def upgrade(self) -> None:
+        """Bring the database schema to the latest migration."""
+        migrate.upgrade(self.url)
+
+    async def start(self) -> None:
+        """Start writing batches in the background.
+
+        Raises:
+            StorageError: the database has no IMMUNE schema (run
+                :meth:`upgrade`), or cannot be reached.
+        """
+        if self._task is not None:
+            return
+        await asyncio.to_thread(self._check_schema)
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name="immune.storage.flush")
+        logger.info("Storage started on %r.", self)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Write every pending row, then stop the background writer.
+
+        Args:
+            timeout: seconds to wait for the database; None waits as long as
+                it takes, since rows are never dropped.
+
+        Raises:
+            StorageError: the timeout expired; the rows are still pending.
+        """
+        try:
+            await asyncio.wait_for(self._stop(), timeout)
+        except TimeoutError:
+            msg = f"{self.pending} rows could not be written within {timeout} s"
+            raise StorageError(msg) from None
+        logger.info("Storage stopped; every pending row was written.")
+
+    async def _stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            self._stopping = True
+            self._wake.set()
+            await task
+        await self.flush()
+
+    def close(self) -> None:
+        """Close the database connections (after :meth:`stop`)."""
+        if self.pending:
+            logger.warning("Closing storage with %d rows unwritten.", self.pending)
+        self._writer.dispose()
+        self._reader.dispose()
+
+    async def __aenter__(self) -> Store:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.stop()
+        finally:
+            self.close()
+
+    def _check_schema(self) -> None:
+        try:
+            with self._reader.connect() as conn:
+                found = sa.inspect(conn).has_table("events")
+        except sa.exc.SQLAlchemyError as exc:
+            msg = f"cannot reach the database of {self!r}: {db_reason(exc)}"
+            raise StorageError(msg) from exc
+        if not found:
+            msg = f"{self!r} has no IMMUNE tables: upgrade its schema first"
+            raise StorageError(msg)
+
+    # Buffered writes
+
+    async def add_event(self, event: Event) -> None:
+        """Queue an event; an id already stored is stored once."""
+        if self.pending >= self.config.max_pending:
+            await self._wait_for_room()
+        self._events.append((time.time_ns(), event))
+        self._queued()
+
+    async def add_events(self, events: Sequence[Event]) -> None:
+        """Queue events (see :meth:`add_event`), waiting for room as needed."""
+        now = time.time_ns()
+        start = 0
+        while start < len(events):
+            if self.pending >= self.config.max_pending:
+                await self._wait_for_room()
+            end = start + self.config.max_pending - self.pending
+            self._events.extend([(now, event) for event in events[start:end]])
+            start = end
+            self._queued()
+
+    async def add_alert(self, alert: Alert) -> None:
+        """Queue an alert; one stored again with the same id updates the row.
+
+        The update replaces count, data, title, severity, agent_id, host,
+        event_ids, techniques and description; ts, rule and plugin stay.
+        """
+        if alert.id not in self._alerts and self.pending >= self.config.max_pending:
+            await self._wait_for_room()
+        self._alerts[alert.id] = alert
+        self._queued()
+
+    async def add_dead_letter(
+        self, source: str, reason: str, payload: bytes | None, raw: object = None
+    ) -> None:
+        """Queue a message that could not be used.
+
+        Args:
+            source: where it came from: the MQTT topic, ``plugin:<name>``...
+            reason: why it was refused, for a person.
+            payload: the bytes as received; kept up to 64 KiB, with the size
+                and the SHA-256 of the whole.
+            raw: when there are no bytes, the decoded object, kept as JSON.
+        """
+        if payload is None:
+            payload = b"" if raw is None else payload_of(raw)
+        row = dead_letter_row(time.time_ns(), source, reason, payload)
+        if self.pending >= self.config.max_pending:
+            await self._wait_for_room()
+        self._dead.append(row)
+        self._queued()
+
+    def _queued(self) -> None:
+        pending = self.pending
+        self.metrics.set("storage.pending", pending)
+        if pending >= self.config.batch_size:
+            self._wake.set()
+
+    async def _wait_for_room(self) -> None:
+        while self.pending >= self.config.max_pending:
+            self._room.clear()
+            if self._task is None:
+                # No background writer: make the room ourselves.
+                await self.flush()
+            else:
+                self._wake.set()
+                await self._room.wait()
+
+    # Flushing
+
+    async def flush(self) -> None:
+        """Write the rows pending now, retrying until the database takes them."""
+        async with self._flush_lock:
+            if self._orphans:
+                await asyncio.wait(set(self._orphans))
+            rounds = self.pending // self.config.batch_size + 1
+            delay = BACKOFF_START
+            while rounds and self.pending:
+                error = await self._write_once(self._take())
+                if error is None:
+                    rounds -= 1
+                    delay = BACKOFF_START
+                    continue
+                logger.warning(
+                    "Writing to the database failed, %d rows kept, retrying in "
+                    "%.2f s: %s",
+                    self.pending,
+                    delay,
+                    db_reason(error),
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _run(self) -> None:
+        interval = self.config.flush_interval
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if not self.pending:
+                continue
+            try:
+                await self.flush()
+            except Exception:
+                # A bug, not the database (flush retries those): keep going,
+                # or writers waiting for room would wait forever.
+                logger.exception("Flushing pending rows failed.")
+                await asyncio.sleep(BACKOFF_MAX)
+
+    def _take(self) -> Batch:
+        size = self.config.batch_size
+        batch = Batch(
+            events=self._events[:size],
+            alerts=[self._alerts.pop(i) for i in list(islice(self._alerts, size))],
+            dead_letters=self._dead[:size],
+        )
+        del self._events[:size]
+        del self._dead[:size]
+        self._in_flight += len(batch)
+        return batch
+
+    async def _write_once(self, batch: Batch) -> BaseException | None:
+        future = asyncio.ensure_future(
+            asyncio.to_thread(write_batch, self._writer, self._sql, batch)
+        )
+        try:
+            await asyncio.wait((future,))
+        except asyncio.CancelledError:
+            # The thread cannot be stopped: settle the batch when it is done,
+            # so its rows are neither lost nor written twice.
+            future.add_done_callback(functools.partial(self._settle, batch))
+            future.add_done_callback(self._orphans.discard)
+            self._orphans.add(future)
+            raise
+        return self._settle(batch, future)
+
+    def _settle(
+        self, batch: Batch, future: asyncio.Future[Outcome]
+    ) -> BaseException | None:
+        """Account for a finished write; put back what was not written."""
+        self._in_flight -= len(batch)
+        error = future.exception()
+        if error is not None:
+            self.metrics.inc("storage.flush_errors")
+            self._put_back(batch, Batch())
+            return error
+        outcome = future.result()
+        self._count(outcome)
+        self._dead_letter_rejected(outcome)
+        if outcome.interrupted is not None:
+            self.metrics.inc("storage.flush_errors")
+            self._put_back(batch, outcome.done)
+        if self.pending < self.config.max_pending:
+            self._room.set()
+        self.metrics.set("storage.pending", self.pending)
+        return outcome.interrupted
+
+    def _put_back(self, batch: Batch, done: Batch) -> None:
+        # Rows are written in order, events first: what is done is a prefix.
+        self._events[:0] = batch.events[len(done.events) :]
+        for alert in batch.alerts[len(done.alerts) :]:
+            # An alert queued again meanwhile is newer: keep it.
+            self._alerts.setdefault(alert.id, alert)
+        self._dead[:0] = batch.dead_letters[len(done.dead_letters) :]
+
+    def _count(self, outcome: Outcome) -> None:
+        inc = self.metrics.inc
+        inc("storage.flushes")
+        inc("storage.events_written", outcome.events_written)
+        inc("storage.events_duplicate", outcome.events_duplicate)
+        inc("storage.alerts_written", outcome.alerts_written)
+        inc("storage.deadletters_written", outcome.dead_letters_written)
+
+    def _dead_letter_rejected(self, outcome: Outcome) -> None:
+        now = time.time_ns()
+        for table, item, reason in outcome.rejected:
+            self.metrics.inc("storage.rejected_rows")
+            if table == "dead_letters":
+                # Dead letters are cleaned so this cannot happen; if it does,
+                # the log is the last place the row is seen.
+                logger.error(
+                    "The database refused a dead letter (sha256 %s): %s",
+                    item[5],
+                    reason,
+                )
+                continue
+            obj = item[1] if table == "events" else item
+            logger.warning("The database refused a row of %s: %s", table, reason)
+            why = f"the database refused the row: {reason}"
+            self._dead.append(
+                dead_letter_row(now, f"storage:{table}", why, payload_of(obj))
+            )
+
+    # Writes made at once
+
+    async def _write_now(self, fn: Callable[..., T], *args: Any) -> T:
+        delay = BACKOFF_START
+        while True:
+            try:
+                return await asyncio.to_thread(self._transaction, fn, *args)
+            except Exception as exc:
+                if not is_transient(exc):
+                    msg = f"the database refused a write: {db_reason(exc)}"
+                    raise StorageError(msg) from exc
+                self.metrics.inc("storage.flush_errors")
+                logger.warning(
+                    "Writing to the database failed, retrying in %.2f s: %s",
+                    delay,
+                    db_reason(exc),
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    def _transaction(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._writer.begin() as conn:
+            return fn(conn, *args)
+
+    async def upsert_agent(self, agent_id: str, **fields: Any) -> None:
+        """Record an agent's registration or heartbeat; sets ``last_seen``.
+
+        Args:
+            agent_id: the agent's identifier.
+            fields: any of hostname, os, version, sensors (a list), status
+                (``online`` unless given) and data (a dict); fields not given
+                keep their stored value.
+
+        Raises:
+            TypeError: an unknown field.
+            ValueError: an invalid status.
+        """
+        unknown = set(fields) - queries.AGENT_FIELDS
+        if unknown:
+            raise TypeError(f"unknown agent fields: {', '.join(sorted(unknown))}")
+        if "status" in fields:
+            queries.check_status(fields["status"])
+        await self._write_now(queries.upsert_agent, agent_id, fields, time.time_ns())
+
+    async def set_agent_status(self, agent_id: str, status: str) -> bool:
+        """Mark an agent online, offline or unknown; False if it is unknown."""
+        queries.check_status(status)
+        return await self._write_now(queries.set_agent_status, agent_id, status)
+
+    async def add_command(
+        self,
+        agent_id: str,
+        action: str,
+        args: dict[str, Any] | None = None,
+        *,
+        command_id: str | None = None,
+        expires_ns: int | None = None,
+    ) -> str:
+        """Record a command for an agent, in state ``pending``; returns its id.
+
+        Args:
+            agent_id: the agent that must act.
+            action: what it must do.
+            args: the action's arguments (JSON).
+            command_id: defaults to a new UUIDv7.
+            expires_ns: when it times out, in ns since the epoch.
+        """
+        now = time.time_ns()
+        values = {
+            "id": command_id or new_id(),
+            "agent_id": agent_id,
+            "action": action,
+            "args": args or {},
+            "state": "pending",
+            "created": now,
+            "expires": expires_ns,
+            "updated": now,
+            "result": None,
+        }
+        await self._write_now(queries.add_command, values)
+        return str(values["id"])
+
+    async def update_command(
+        self, command_id: str, state: str, result: Any = None
+    ) -> bool:
+        """Move a command to ``state``; False if there is no such command.
+
+        Args:
+            state: pending, sent, acknowledged, succeeded, failed or timed_out.
+            result: what the agent answered (JSON); None keeps the stored one.
+        """
+        queries.check_state(state)
+        values: dict[str, Any] = {"state": state, "updated": time.time_ns()}
+        if result is not None:
+            values["result"] = result
+        return await self._write_now(queries.update_command, command_id, values)
+
+    async def put_state(self, plugin: str, key: str, value: Any) -> None:
+        """Keep a JSON value for a plugin across restarts."""
+        await self._write_now(queries.put_state, plugin, key, value, time.time_ns())
+
+    async def get_state(self, plugin: str, key: str, default: Any = None) -> Any:
+        """A plugin's stored value, or ``default``."""
+        found, value = await asyncio.to_thread(
+            queries.get_state, self._reader, plugin, key
+        )
+        return value if found else default
+
+    # Reads (synchronous, on their own connections)
+
+    def events(
+        self,
+        *,
+        kind: str | None = None,
+        agent_id: str | None = None,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        limit: int | None = 100,
+    ) -> list[dict[str, Any]]:
+        """Stored events, newest first, as event dicts.
+
+        Args:
+            since_ns: only events at or after this time (ns).
+            until_ns: only events before this time (ns).
+            limit: at most this many; None for all.
+        """
+        return queries.events(
+            self._reader,
+            kind=kind,
+            agent_id=agent_id,
+            since_ns=since_ns,
+            until_ns=until_ns,
+            limit=limit,
+        )
+
+    def alerts(
+        self,
+        *,
+        min_severity: str | None = None,
+        agent_id: str | None = None,
+        since_ns: int | None = None,
+        limit: int | None = 100,
+    ) -> list[dict[str, Any]]:
+        """Stored alerts, newest first.
+
+        Args:
+            min_severity: only alerts of this severity or worse.
+        """
+        return queries.alerts(
+            self._reader,
+            min_severity=min_severity,
+            agent_id=agent_id,
+            since_ns=since_ns,
+            limit=limit,
+        )
+
+    def dead_letters(self, *, limit: int | None = 100) -> list[dict[str, Any]]:
+        """Dead letters, newest first."""
+        return queries.dead_letters(self._reader, limit=limit)
+
+    def agents(self) -> list[dict[str, Any]]:
+        """Every known agent."""
+        return queries.agents(self._reader)
+
+    def commands(
+        self,
+        *,
+        agent_id: str | None = None,
+        state: str | None = None,
+        limit: int | None = 100,
+    ) -> list[dict[str, Any]]:
+        """Commands, newest first."""
+        return queries.commands(
+            self._reader, agent_id=agent_id, state=state, limit=limit
+        )
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table."""
+        return queries.counts(self._reader)
