@@ -61,6 +61,17 @@ def json_dumps(obj: Any) -> str:
     return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
+def json_loads(value: Any) -> Any:
+    """Deserialize a JSON column value.
+
+    SQLite gives a JSON column NUMERIC affinity: a stored ``5`` comes back
+    as the integer, not as text.
+    """
+    if isinstance(value, str | bytes):
+        return orjson.loads(value)
+    return value
+
+
 def make_engine(
     url: str | URL,
     *,
@@ -79,7 +90,7 @@ def make_engine(
     parsed = normalize_url(url)
     kwargs: dict[str, Any] = {
         "json_serializer": json_dumps,
-        "json_deserializer": orjson.loads,
+        "json_deserializer": json_loads,
     }
     if parsed.get_backend_name() == "postgresql":
         engine = sa.create_engine(parsed, pool_pre_ping=True, **kwargs)

@@ -10,8 +10,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL
 
 import immune
@@ -35,12 +38,13 @@ def migrations_dir() -> Path:
     raise StorageError(msg)
 
 
-def alembic_config(url: str | URL) -> Config:
-    """An Alembic configuration that migrates the database at ``url``."""
+def alembic_config(url: str | URL | None = None) -> Config:
+    """An Alembic configuration of the migrations, for the database at ``url``."""
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     config.set_main_option("path_separator", "os")
-    config.attributes["url"] = normalize_url(url)
+    if url is not None:
+        config.attributes["url"] = normalize_url(url)
     return config
 
 
@@ -63,3 +67,13 @@ def check(url: str | URL) -> None:
             migration is missing.
     """
     command.check(alembic_config(url))
+
+
+def head_revisions() -> set[str]:
+    """The revisions a database must be at for this version of IMMUNE."""
+    return set(ScriptDirectory.from_config(alembic_config()).get_heads())
+
+
+def current_revisions(conn: sa.Connection) -> set[str]:
+    """The revisions the database on ``conn`` is at (none before migrating)."""
+    return set(MigrationContext.configure(conn).get_current_heads())

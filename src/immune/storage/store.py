@@ -111,12 +111,11 @@ class Store:
         """Start writing batches in the background.
 
         Raises:
-            StorageError: the database has no IMMUNE schema (run
-                :meth:`upgrade`), or cannot be reached.
+            StorageError: see :meth:`check_ready`.
         """
         if self._task is not None:
             return
-        await asyncio.to_thread(self._check_schema)
+        await asyncio.to_thread(self.check_ready)
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="immune.storage.flush")
         logger.info("Storage started on %r.", self)
@@ -168,15 +167,26 @@ class Store:
         finally:
             self.close()
 
-    def _check_schema(self) -> None:
+    def check_ready(self) -> None:
+        """Make sure the database can be reached and its schema is current.
+
+        Raises:
+            StorageError: it cannot be reached, or it is not migrated to the
+                schema this version of IMMUNE uses.
+        """
         try:
             with self._reader.connect() as conn:
-                found = sa.inspect(conn).has_table("events")
+                current = migrate.current_revisions(conn)
         except sa.exc.SQLAlchemyError as exc:
             msg = f"cannot reach the database of {self!r}: {db_reason(exc)}"
             raise StorageError(msg) from exc
-        if not found:
-            msg = f"{self!r} has no IMMUNE tables: upgrade its schema first"
+        heads = migrate.head_revisions()
+        if current != heads:
+            at = ", ".join(sorted(current)) or "no schema"
+            msg = (
+                f"the database of {self!r} is at {at}, not at "
+                f"{', '.join(sorted(heads))}: run `immune db upgrade`"
+            )
             raise StorageError(msg)
 
     # Buffered writes
