@@ -189,3 +189,27 @@ async def test_store_survives_lost_postgresql_connections(
         assert store.counts()["events"] == 10
     finally:
         store.close()
+
+
+async def test_store_cancelled_flush_neither_loses_nor_repeats_rows(
+    sqlite_url: str, locker: sqlite3.Connection
+) -> None:
+    store = Store(sqlite_url, busy_timeout=5.0)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        for n in range(3):  # dead letters: a row written twice would show
+            await store.add_dead_letter("t", f"r{n}", b"x")
+        flushing = asyncio.create_task(store.flush())
+        await wait_until(lambda: store._in_flight == 3)  # the thread waits
+
+        flushing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flushing
+        locker.execute("COMMIT")  # the orphaned thread goes on and writes
+        await store.flush()
+
+        assert store.pending == 0
+        assert sorted(d["reason"] for d in store.dead_letters()) == ["r0", "r1", "r2"]
+        assert store.metrics.get("storage.deadletters_written") == 3
+    finally:
+        store.close()

@@ -260,16 +260,21 @@ class Store:
     # Flushing
 
     async def flush(self) -> None:
-        """Write the rows pending now, retrying until the database takes them."""
+        """Write the rows pending now, retrying until the database takes them.
+
+        Rows the database refuses are in ``dead_letters`` when it returns.
+        """
         async with self._flush_lock:
             if self._orphans:
                 await asyncio.wait(set(self._orphans))
             rounds = self.pending // self.config.batch_size + 1
             delay = BACKOFF_START
             while rounds and self.pending:
-                error = await self._write_once(self._take())
+                error, rejected = await self._write_once(self._take())
                 if error is None:
-                    rounds -= 1
+                    # Refused rows came back as dead letters: one more round.
+                    if not rejected:
+                        rounds -= 1
                     delay = BACKOFF_START
                     continue
                 logger.warning(
@@ -312,7 +317,7 @@ class Store:
         self._in_flight += len(batch)
         return batch
 
-    async def _write_once(self, batch: Batch) -> BaseException | None:
+    async def _write_once(self, batch: Batch) -> tuple[BaseException | None, int]:
         future = asyncio.ensure_future(
             asyncio.to_thread(write_batch, self._writer, self._sql, batch)
         )
@@ -329,14 +334,19 @@ class Store:
 
     def _settle(
         self, batch: Batch, future: asyncio.Future[Outcome]
-    ) -> BaseException | None:
-        """Account for a finished write; put back what was not written."""
+    ) -> tuple[BaseException | None, int]:
+        """Account for a finished write; put back what was not written.
+
+        Returns:
+            the error that stopped the write, if any, and how many rows the
+            database refused.
+        """
         self._in_flight -= len(batch)
         error = future.exception()
         if error is not None:
             self.metrics.inc("storage.flush_errors")
             self._put_back(batch, Batch())
-            return error
+            return error, 0
         outcome = future.result()
         self._count(outcome)
         self._dead_letter_rejected(outcome)
@@ -346,7 +356,7 @@ class Store:
         if self.pending < self.config.max_pending:
             self._room.set()
         self.metrics.set("storage.pending", self.pending)
-        return outcome.interrupted
+        return outcome.interrupted, len(outcome.rejected)
 
     def _put_back(self, batch: Batch, done: Batch) -> None:
         # Rows are written in order, events first: what is done is a prefix.

@@ -51,7 +51,8 @@ _encode_struct = msgspec.json.Encoder().encode
 
 
 def _json(obj: Any) -> str:
-    return orjson.dumps(obj, default=msgspec.to_builtins).decode()
+    option = orjson.OPT_NON_STR_KEYS
+    return orjson.dumps(obj, default=msgspec.to_builtins, option=option).decode()
 
 
 @dataclass(frozen=True)
