@@ -279,7 +279,7 @@ def plugins(as_json: Json = False) -> None:
     from immune.hive import Hive
 
     hive_ = Hive(_config())
-    infos = hive_.describe_plugins()
+    infos = asyncio.run(hive_.describe_plugins())
     _print_rows(
         [i.as_dict() for i in infos],
         ["name", "state", "topics", "origin", "description", "error"],

@@ -52,7 +52,7 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 TimestampNs = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
 Argv = Annotated[list[Text], msgspec.Meta(max_length=1024)]
 Extra = Annotated[
-    dict[ShortText, str | int | float | bool | None], msgspec.Meta(max_length=64)
+    dict[ShortText, Text | int | float | bool | None], msgspec.Meta(max_length=64)
 ]
 
 
@@ -165,7 +165,8 @@ def parse_event(obj: Any, *, prefix: str = "$") -> Event:
         EventError: naming the field at fault.
     """
     if not isinstance(obj, dict):
-        raise EventError(f"an event must be a JSON object, got {type(obj).__name__}")
+        msg = f"an event must be a JSON object, got {type(obj).__name__} at {prefix}"
+        raise EventError(msg, prefix)
     try:
         return msgspec.convert(obj, Event)
     except msgspec.ValidationError as exc:

@@ -1,13 +1,14 @@
 """The hive: bus, storage and plugins, started and stopped together.
 
 A plugin receives the :class:`Hive` in its hooks and uses it to publish on the
-bus, raise alerts, send commands to agents, keep dead letters and reach
-storage. The hive itself subscribes storage to every event and alert.
+bus, raise alerts, keep dead letters and reach storage. The hive itself
+subscribes storage to every event and alert.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Coroutine, Iterable
@@ -17,7 +18,16 @@ import orjson
 
 from immune.bus import Bus, Subscription
 from immune.config import Config
-from immune.events import Alert, Event, Severity, encode, new_id, now_ns, to_dict
+from immune.events import (
+    SEVERITY_RANK,
+    Alert,
+    Event,
+    Severity,
+    encode,
+    new_id,
+    now_ns,
+    to_dict,
+)
 from immune.manager import PluginInfo, PluginManager
 from immune.metrics import Metrics
 from immune.safe import printable
@@ -94,14 +104,17 @@ class Hive:
         for name, obj in self._extra_plugins:
             self.plugins.register(obj, name)
 
-    def _prepare_plugin(self, info: PluginInfo) -> list[tuple[str, Any]] | None:
+    async def _prepare_plugin(self, info: PluginInfo) -> list[tuple[str, Any]] | None:
         """Configure a plugin and get its subscriptions; None if it failed."""
         table = self.config.plugins.get(info.name, {})
         stage = "immune_configure"
         try:
-            self.plugins.call_one(info, stage, hive=self, config=table)
+            await _maybe_await(
+                self.plugins.call_one(info, stage, hive=self, config=table)
+            )
             stage = "immune_subscriptions"
-            subs = list(self.plugins.call_one(info, stage, hive=self) or [])
+            result = await _maybe_await(self.plugins.call_one(info, stage, hive=self))
+            subs = list(result or [])
             info.topics = [pattern for pattern, _handler in subs]
         except Exception as exc:  # noqa: BLE001 - one plugin must not stop the hive
             self.plugins.fail(info, stage, exc)
@@ -110,15 +123,13 @@ class Hive:
         return subs
 
     async def _start_plugin(self, info: PluginInfo) -> None:
-        subs = self._prepare_plugin(info)
+        subs = await self._prepare_plugin(info)
         if subs is None:
             return
         try:
             for pattern, handler in subs:
                 self.bus.subscribe(pattern, handler, owner=info.name)
-            result = self.plugins.call_one(info, "immune_start", hive=self)
-            if asyncio.iscoroutine(result):
-                await result
+            await _maybe_await(self.plugins.call_one(info, "immune_start", hive=self))
         except Exception as exc:  # noqa: BLE001 - one plugin must not stop the hive
             self.bus.unsubscribe_owner(info.name)
             self.plugins.fail(info, "immune_start", exc)
@@ -127,11 +138,11 @@ class Hive:
         info.state = "running"
         self._started.append(info)
 
-    def describe_plugins(self) -> list[PluginInfo]:
+    async def describe_plugins(self) -> list[PluginInfo]:
         """Load and configure plugins without starting them, for listings."""
         self._load_plugins()
         for info in list(self.plugins.active()):
-            self._prepare_plugin(info)
+            await self._prepare_plugin(info)
         return self.plugins.list()
 
     async def stop(self) -> None:
@@ -148,9 +159,9 @@ class Hive:
         await self.bus.stop()
         for info in reversed(self._started):
             try:
-                result = self.plugins.call_one(info, "immune_stop", hive=self)
-                if asyncio.iscoroutine(result):
-                    await result
+                await _maybe_await(
+                    self.plugins.call_one(info, "immune_stop", hive=self)
+                )
                 info.state = "stopped"
             except Exception as exc:  # noqa: BLE001
                 self.plugins.fail(info, "immune_stop", exc)
@@ -225,6 +236,9 @@ class Hive:
             events: the events behind it; the first gives agent and host.
             techniques: MITRE ATT&CK technique ids (``T1059.004``).
         """
+        if severity not in SEVERITY_RANK:
+            msg = f"severity {severity!r} is not one of {', '.join(SEVERITY_RANK)}"
+            raise ValueError(msg)
         events = list(events)
         first = events[0] if events else None
         alert = Alert(
@@ -273,3 +287,11 @@ class Hive:
         if now - self._last_warning.get(key, 0.0) >= 1.0:
             self._last_warning[key] = now
             logger.warning(msg, *args)
+
+
+async def _maybe_await(value: Any) -> Any:
+    # Hooks may be plain functions or coroutine functions (or return an
+    # awaitable); the hive accepts either.
+    if inspect.isawaitable(value):
+        return await value
+    return value

@@ -111,10 +111,10 @@ class PluginManager:
             logger.error("Plugin %s (%s) failed to load: %s", name, origin, exc)
             return self._record(PluginInfo(name, origin, "failed", _short(exc)))
         info = self._record(PluginInfo(name, origin, obj=obj))
-        unknown = self._unknown_hooks(obj)
-        if unknown:
-            # A misspelt hook would otherwise be silently never called.
-            self.fail(info, "load", NameError(f"no such hook: {', '.join(unknown)}"))
+        problem = self._hook_problems(obj)
+        if problem:
+            # A misspelt or undecorated hook would otherwise never be called.
+            self.fail(info, "load", NameError(problem))
             return info
         try:
             describe = self.call_one(info, "immune_describe") or {}
@@ -126,11 +126,23 @@ class PluginManager:
         logger.debug("Loaded plugin %s from %s.", name, origin)
         return info
 
-    def _unknown_hooks(self, obj: Any) -> list[str]:
-        names = [n for n in dir(obj) if n.startswith("immune_")]
-        return [
-            n for n in names if callable(getattr(obj, n)) and not hasattr(hookspecs, n)
+    def _hook_problems(self, obj: Any) -> str | None:
+        names = [
+            n for n in dir(obj) if n.startswith("immune_") and callable(getattr(obj, n))
         ]
+        unknown = [n for n in names if not hasattr(hookspecs, n)]
+        if unknown:
+            return f"no such hook: {', '.join(unknown)}"
+        registered = {
+            impl.function.__name__
+            for caller in self.pm.get_hookcallers(obj) or []
+            for impl in caller.get_hookimpls()
+            if impl.plugin is obj
+        }
+        bare = [n for n in names if n not in registered]
+        if bare:
+            return f"{', '.join(bare)} lack the @hookimpl decorator"
+        return None
 
     def _record(self, info: PluginInfo) -> PluginInfo:
         self.plugins.setdefault(info.name, info)

@@ -273,6 +273,8 @@ class NetworkPlugin:
                     )
                     await hive.store.set_agent_status(agent["id"], "offline")
                     hive.agent_status[agent["id"]] = "offline"
+                    hello = AgentHello(agent_id=agent["id"], status="offline")
+                    await hive.publish("agent.offline", hello, key=agent["id"])
 
     # -- what goes out -----------------------------------------------------
 
