@@ -84,6 +84,9 @@ def main_options(
         format="%(name)s: %(message)s",
         handlers=[RichHandler(console=err_console, show_path=False, markup=False)],
     )
+    if not verbose:
+        # Alembic narrates every migration step at INFO.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _config() -> Config:
@@ -182,6 +185,25 @@ def _print_rows(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -
         err_console.print("No rows match.")
 
 
+def describe_event(row: dict[str, Any]) -> str:
+    """The gist of an event in a few words, for the table view."""
+    kind = row.get("kind")
+    if kind == "exec":
+        argv = row.get("argv") or []
+        return " ".join(argv) if argv else row.get("exe") or "?"
+    if kind in ("connect", "bind"):
+        return f"{row.get('addr') or '?'} port {row.get('port')}"
+    if kind == "open":
+        return row.get("path") or "?"
+    if kind == "setuid":
+        return f"euid {row.get('old_euid', '?')} -> {row.get('euid')}"
+    if kind == "fork":
+        return f"child of {row.get('ppid')}"
+    if kind == "exit":
+        return f"{row.get('comm') or ''} exit {row.get('exit_code', '?')}".strip()
+    return row.get("comm") or ""
+
+
 Limit = Annotated[int, typer.Option("--limit", "-n", min=1, help="Rows to show.")]
 Json = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
 Since = Annotated[
@@ -208,25 +230,10 @@ def events(
         )
     finally:
         store.close()
-    _print_rows(
-        rows,
-        [
-            "ts",
-            "host",
-            "kind",
-            "pid",
-            "ppid",
-            "uid",
-            "euid",
-            "exe",
-            "argv",
-            "path",
-            "addr",
-            "port",
-            "sensor",
-        ],
-        as_json,
-    )
+    if not as_json:
+        for row in rows:
+            row["what"] = describe_event(row)
+    _print_rows(rows, ["ts", "host", "kind", "pid", "uid", "what"], as_json)
 
 
 @app.command()
