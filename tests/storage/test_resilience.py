@@ -213,3 +213,27 @@ async def test_store_cancelled_flush_neither_loses_nor_repeats_rows(
         assert store.metrics.get("storage.deadletters_written") == 3
     finally:
         store.close()
+
+
+async def test_store_writer_cancelled_from_outside_still_makes_room(
+    db_url: str,
+) -> None:
+    config = StorageConfig(batch_size=100, flush_interval=3600, max_pending=5)
+    store = Store(db_url, config=config)
+    try:
+        store.upgrade()
+        await store.start()
+        writer = store._task
+        assert writer is not None
+        writer.cancel()  # as a loop shutting down would
+        await wait_until(writer.done)
+
+        async def add_all() -> None:
+            for _ in range(12):
+                await store.add_event(make_event())
+
+        await asyncio.wait_for(add_all(), timeout=30)
+        await store.stop()
+        assert store.counts()["events"] == 12
+    finally:
+        store.close()

@@ -97,9 +97,8 @@ class Store:
     @property
     def pending(self) -> int:
         """Rows accepted but not yet written (including those being written)."""
-        return (
-            len(self._events) + len(self._alerts) + len(self._dead) + (self._in_flight)
-        )
+        queued = len(self._events) + len(self._alerts) + len(self._dead)
+        return queued + self._in_flight
 
     # Lifecycle
 
@@ -139,7 +138,8 @@ class Store:
 
     async def _stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
+        # A writer cancelled from outside (the loop shutting down) is done.
+        if task is not None and not task.done():
             self._stopping = True
             self._wake.set()
             await task
@@ -250,7 +250,7 @@ class Store:
     async def _wait_for_room(self) -> None:
         while self.pending >= self.config.max_pending:
             self._room.clear()
-            if self._task is None:
+            if self._task is None or self._task.done():
                 # No background writer: make the room ourselves.
                 await self.flush()
             else:
@@ -279,7 +279,7 @@ class Store:
                     continue
                 logger.warning(
                     "Writing to the database failed, %d rows kept, retrying in "
-                    "%.2f s: %s",
+                    "%.2f s: %s.",
                     self.pending,
                     delay,
                     db_reason(error),
@@ -382,13 +382,13 @@ class Store:
                 # Dead letters are cleaned so this cannot happen; if it does,
                 # the log is the last place the row is seen.
                 logger.error(
-                    "The database refused a dead letter (sha256 %s): %s",
+                    "The database refused a dead letter (sha256 %s): %s.",
                     item[5],
                     reason,
                 )
                 continue
             obj = item[1] if table == "events" else item
-            logger.warning("The database refused a row of %s: %s", table, reason)
+            logger.warning("The database refused a row of %s: %s.", table, reason)
             why = f"the database refused the row: {reason}"
             self._dead.append(
                 dead_letter_row(now, f"storage:{table}", why, payload_of(obj))
@@ -407,7 +407,7 @@ class Store:
                     raise StorageError(msg) from exc
                 self.metrics.inc("storage.flush_errors")
                 logger.warning(
-                    "Writing to the database failed, retrying in %.2f s: %s",
+                    "Writing to the database failed, retrying in %.2f s: %s.",
                     delay,
                     db_reason(exc),
                 )
