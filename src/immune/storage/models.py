@@ -195,9 +195,10 @@ class PluginState(Base):
     updated: Mapped[Nanos] = mapped_column(comment="Last write (ns).")
 
 
-agents = Agent.__table__
-events = EventRow.__table__
-alerts = AlertRow.__table__
-dead_letters = DeadLetter.__table__
-commands = Command.__table__
-plugin_state = PluginState.__table__
+# The tables, for Core statements.
+agents = Base.metadata.tables["agents"]
+events = Base.metadata.tables["events"]
+alerts = Base.metadata.tables["alerts"]
+dead_letters = Base.metadata.tables["dead_letters"]
+commands = Base.metadata.tables["commands"]
+plugin_state = Base.metadata.tables["plugin_state"]

@@ -234,8 +234,9 @@ def _insert_events(conn: sa.Connection, sql: Statements, rows: list[Row]) -> int
         return conn.exec_driver_sql(sql.events, rows).rowcount
     conn.exec_driver_sql(sql.events_staging)
     dbapi = conn.dialect.loaded_dbapi
+    driver: Any = conn.connection.driver_connection
     try:
-        with conn.connection.driver_connection.cursor() as cursor:
+        with driver.cursor() as cursor:
             with cursor.copy(sql.events_copy) as copy:
                 for row in rows:
                     copy.write_row(row)
