@@ -200,7 +200,7 @@ class NetworkPlugin:
         hive.metrics.inc("events.received", len(good) + len(bad))
         for rejected in bad:
             hive.metrics.inc("events.rejected")
-            await hive.dead_letter(topic, rejected.reason, raw=rejected.raw)
+            await hive.dead_letter(topic, rejected.reason, rejected.raw)
         if good:
             await hive.ingest(good)
             await self._seen(agent_id, good[0].host)
