@@ -211,15 +211,19 @@ class Bus:
     async def _dispatch(self, topic: str, message: Any) -> None:
         token = _depth.set(_depth.get() + 1)
         try:
-            for sub in self.handlers_for(topic):
-                try:
-                    result = sub.handler(message)
-                    if sub.is_async or inspect.isawaitable(result):
-                        await result  # type: ignore[misc]  # checked just above
-                except Exception as exc:  # noqa: BLE001 - one plugin must not stop others
-                    await self._handler_failed(topic, message, sub, exc)
+            await self._deliver(topic, message)
         finally:
             _depth.reset(token)
+
+    async def _deliver(self, topic: str, message: Any) -> None:
+        # The caller has marked the task as dispatching (see _depth).
+        for sub in self.handlers_for(topic):
+            try:
+                result = sub.handler(message)
+                if sub.is_async or inspect.isawaitable(result):
+                    await result  # type: ignore[misc]  # checked just above
+            except Exception as exc:  # noqa: BLE001 - one plugin must not stop others
+                await self._handler_failed(topic, message, sub, exc)
 
     async def _handler_failed(
         self, topic: str, message: Any, sub: Subscription, exc: Exception
@@ -257,11 +261,13 @@ class Bus:
     async def _drain(self, queue: asyncio.Queue[list[tuple[str, Any]]]) -> None:
         while True:
             items = await queue.get()
+            token = _depth.set(1)
             try:
                 for topic, message in items:
-                    await self._dispatch(topic, message)
+                    await self._deliver(topic, message)
                 self.metrics.inc("bus.delivered", len(items))
             finally:
+                _depth.reset(token)
                 queue.task_done()
 
     async def join(self) -> None:
