@@ -36,6 +36,9 @@ class HiveConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     disabled_plugins: list[str] = msgspec.field(default_factory=list)
     #: An agent silent this long is marked offline (checked every 30 s).
     agent_timeout: Seconds = 120.0
+    #: At stop, how long to keep trying to write what is pending before
+    #: giving up with an error that says how many rows are lost.
+    shutdown_timeout: Seconds = 60.0
 
 
 class StorageConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -19,6 +19,7 @@ import orjson
 
 from immune.bus import Bus, Subscription
 from immune.config import Config
+from immune.errors import StorageError
 from immune.events import (
     SEVERITY_RANK,
     Alert,
@@ -167,7 +168,13 @@ class Hive:
             except Exception as exc:  # noqa: BLE001
                 self.plugins.fail(info, "immune_stop", exc)
         self._started.clear()
-        await self.store.stop()
+        try:
+            await self.store.stop(timeout=self.config.hive.shutdown_timeout)
+        except StorageError as exc:
+            # Say plainly what is lost rather than hang on a dead database.
+            self.metrics.inc("storage.lost_at_stop", self.store.pending)
+            logger.critical("Stopping with unwritten data: %s.", exc)
+            raise
         logger.info("Hive stopped.")
 
     async def __aenter__(self) -> Hive:

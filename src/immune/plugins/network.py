@@ -189,7 +189,8 @@ class NetworkPlugin:
             elif leaf in (topics.REGISTER, topics.HEARTBEAT, topics.STATUS):
                 await self._agent_message(topic, agent_id, leaf, bytes(payload))
         except EventError as exc:
-            hive.metrics.inc("events.rejected")
+            counter = "events.rejected" if leaf == topics.EVENTS else "agents.rejected"
+            hive.metrics.inc(counter)
             await hive.dead_letter(topic, exc.reason, bytes(payload))
 
     async def _events(self, topic: str, agent_id: str, payload: bytes) -> None:
