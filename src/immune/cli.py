@@ -262,7 +262,7 @@ def alerts(
         store.close()
     _print_rows(
         rows,
-        ["ts", "severity", "rule", "title", "host", "techniques", "count"],
+        ["ts", "severity", "host", "rule", "title", "count"],
         as_json,
     )
 
