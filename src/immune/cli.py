@@ -26,7 +26,7 @@ from rich.table import Table
 from immune import __version__
 from immune import config as config_mod
 from immune.config import Config
-from immune.errors import ConfigError, ImmuneError
+from immune.errors import ConfigError, ImmuneError, StorageError
 from immune.events import SEVERITIES
 from immune.safe import printable
 
@@ -148,9 +148,19 @@ def parse_since(text: str | None) -> int | None:
 
 
 def _store() -> Any:
+    from sqlalchemy.engine import make_url
+
     from immune.storage import Store
 
     cfg = _config()
+    url = make_url(cfg.hive.database)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").exists():
+        # Reading must not leave an empty database file behind.
+        msg = (
+            f"no database at {url.database}: start the hive (`immune up`) or run "
+            "`immune db upgrade` first"
+        )
+        raise StorageError(msg)
     store = Store(cfg.hive.database, config=cfg.storage)
     store.check_ready()
     return store
@@ -223,11 +233,10 @@ def events(
     as_json: Json = False,
 ) -> None:
     """Show stored events, newest first."""
+    since_ns = parse_since(since)
     store = _store()
     try:
-        rows = store.events(
-            kind=kind, agent_id=agent, since_ns=parse_since(since), limit=limit
-        )
+        rows = store.events(kind=kind, agent_id=agent, since_ns=since_ns, limit=limit)
     finally:
         store.close()
     if not as_json:
@@ -250,13 +259,11 @@ def alerts(
     """Show alerts, newest first."""
     if severity is not None and severity not in SEVERITIES:
         raise ConfigError(f"--severity must be one of {', '.join(SEVERITIES)}")
+    since_ns = parse_since(since)
     store = _store()
     try:
         rows = store.alerts(
-            min_severity=severity,
-            agent_id=agent,
-            since_ns=parse_since(since),
-            limit=limit,
+            min_severity=severity, agent_id=agent, since_ns=since_ns, limit=limit
         )
     finally:
         store.close()

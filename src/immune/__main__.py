@@ -1,0 +1,5 @@
+"""``python -m immune`` runs the ``immune`` command."""
+
+from immune.cli import main
+
+main()
