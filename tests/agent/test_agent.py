@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -148,6 +149,8 @@ async def test_agent_end_to_end(mqtt_broker: str, mqtt_prefix: str, tmp_path) ->
     shutil.copy("/bin/sleep", program)
     base = f"{mqtt_prefix}/agents/{agent_id}"
 
+    nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
     async with inbox(mqtt_broker, f"{mqtt_prefix}/#") as box:
         stop = asyncio.Event()
         agent = Agent(config)
@@ -194,6 +197,8 @@ async def test_agent_end_to_end(mqtt_broker: str, mqtt_prefix: str, tmp_path) ->
 
     offline = await retained(mqtt_broker, f"{base}/status")
     assert offline["status"] == "offline" and offline["reason"] == "stopped"
+    # The loop thread's priority, raised for CN_PROC, is given back.
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == nice
     assert agent.metrics.get("agent.events_sent") == len(events)
     assert agent.metrics.get("agent.batches_sent") >= 2
     assert agent.metrics.get("agent.dropped") == 0

@@ -18,13 +18,16 @@ import logging
 import os
 import platform
 import socket
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
 
 import immune
 from immune import topics
+from immune.agent.cnproc import CnProcSensor
 from immune.agent.sensors import Sensor, open_first
 from immune.config import Config
 from immune.errors import ConfigError
@@ -89,6 +92,9 @@ class Agent:
             beyond that new events are dropped, counted and logged.
         shutdown_timeout: seconds :meth:`run` spends, once stopped, sending
             what is left before giving up on it.
+        priority_boost: the nice value of the thread running :meth:`run`
+            while the CN_PROC sensor runs (needs root; restored on exit), or
+            None to leave it alone.
 
     Raises:
         ConfigError: the agent id (the host name by default) cannot be used
@@ -102,6 +108,7 @@ class Agent:
         *,
         queue_size: int = QUEUE_SIZE,
         shutdown_timeout: float = 5.0,
+        priority_boost: int | None = -10,
     ) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics()
@@ -116,6 +123,7 @@ class Agent:
         self.broker = broker_address(config)
         self.queue_size = queue_size
         self.shutdown_timeout = shutdown_timeout
+        self.priority_boost = priority_boost
         #: The sensor that runs, once :meth:`run` has opened one.
         self.sensor: Sensor | None = None
         #: Set while connected to the broker (after registration).
@@ -150,6 +158,7 @@ class Agent:
         self.sensor = self._open_sensor()
         self.put(self.lifecycle("agent_start"))
         self.sensor.start()
+        restore = self._boost_loop_thread()
         try:
             async with asyncio.TaskGroup() as tg:
                 link = tg.create_task(self._link(), name="immune-agent-link")
@@ -157,6 +166,28 @@ class Agent:
                 await self._shutdown(link)
         finally:
             self.sensor.stop()
+            restore()
+
+    def _boost_loop_thread(self) -> Callable[[], None]:
+        """Raise this thread's priority while a racing sensor runs.
+
+        The CN_PROC thread must read a new process before it exits, but it
+        needs the GIL, and this thread holds it while handling events: if
+        the host's load preempts it then, the sensor waits, and the process
+        is gone (priority inversion). With two CPU hogs on two vCPUs, the
+        exe of a 1 ms process was read 88% of the time with this thread at
+        nice 0, 99% at nice -10. Returns what undoes it.
+        """
+        if self.priority_boost is None or not isinstance(self.sensor, CnProcSensor):
+            return lambda: None
+        tid = threading.get_native_id()
+        try:
+            before = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, self.priority_boost)
+        except OSError as exc:
+            logger.debug("Event loop thread keeps its priority: %s", exc)
+            return lambda: None
+        return lambda: os.setpriority(os.PRIO_PROCESS, tid, before)
 
     def _open_sensor(self) -> Sensor:
         agent = self.config.agent

@@ -1,12 +1,15 @@
 """The CN_PROC sensor: process events from the kernel's netlink connector.
 
 The kernel multicasts a message on every fork, exec, exit and credential
-change to the sockets that joined ``CN_IDX_PROC`` (root only). Each message
-is a ``nlmsghdr`` (16 bytes), a ``cn_msg`` (20 bytes) and a ``proc_event``
-(``what``, ``cpu``, ``timestamp_ns``, then a union), as laid out in
-``include/uapi/linux/cn_proc.h``. The kernel only says *which* process did
-something: the sensor reads the rest from /proc at once, on its own thread,
-because a short-lived process is gone within a millisecond.
+change to the sockets that joined ``CN_IDX_PROC`` and asked to LISTEN
+(root on older kernels; 6.18 accepted an unprivileged listener in the initial
+namespaces, whose /proc reads of other users' processes then fail). Each
+message is a ``nlmsghdr`` (16 bytes), a ``cn_msg`` (20 bytes) and a
+``proc_event`` (``what``, ``cpu``, ``timestamp_ns``, then a union), as laid
+out in ``include/uapi/linux/cn_proc.h``. The kernel only says *which* process
+did something: the sensor reads the rest from /proc at once, on its own
+thread, because a short-lived process is gone within a millisecond. When it
+is gone first, the event still goes out, with ``extra={"enrich": "gone"}``.
 
 Timestamps: ``timestamp_ns`` is the kernel's CLOCK_MONOTONIC at the event;
 events carry it converted to wall-clock time with the offset between the two
