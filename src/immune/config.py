@@ -68,6 +68,9 @@ class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Sensors in order of preference; the first that works is used.
     sensors: list[str] = msgspec.field(default_factory=lambda: ["cn_proc", "proc"])
     batch_max_events: Positive = 500
+    #: Largest MQTT message the agent sends; bigger batches are split. Keep
+    #: it well under the hive's ``max_payload_bytes``.
+    batch_max_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 256 * 1024
     batch_max_delay: Seconds = 0.2
     heartbeat_interval: Seconds = 30.0
     proc_poll_interval: Seconds = 0.25

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
+import msgspec
 
 import immune
 from immune import topics
@@ -399,11 +400,32 @@ class Agent:
                 if not self._pending:
                     continue
             batch = self._pending
-            payload = {"v": SCHEMA_VERSION, "agent_id": self.agent_id, "events": batch}
-            await client.publish(topic, encode(payload), qos=1)
+            await self._publish_batch(client, topic, batch)
             self._pending = []
-            self.metrics.inc("agent.batches_sent")
             self.metrics.inc("agent.events_sent", len(batch))
+
+    async def _publish_batch(
+        self, client: aiomqtt.Client, topic: str, batch: list[Event]
+    ) -> None:
+        # Keep each message under batch_max_bytes, well below what a hive
+        # accepts: halve a batch that is too big; shorten a lone event's argv.
+        payload = encode(
+            {"v": SCHEMA_VERSION, "agent_id": self.agent_id, "events": batch}
+        )
+        limit = self.config.agent.batch_max_bytes
+        if len(payload) > limit and len(batch) > 1:
+            half = len(batch) // 2
+            await self._publish_batch(client, topic, batch[:half])
+            await self._publish_batch(client, topic, batch[half:])
+            return
+        if len(payload) > limit:
+            batch = [shorten(batch[0], limit)]
+            self.metrics.inc("agent.events_shortened")
+            payload = encode(
+                {"v": SCHEMA_VERSION, "agent_id": self.agent_id, "events": batch}
+            )
+        await client.publish(topic, payload, qos=1)
+        self.metrics.inc("agent.batches_sent")
 
     async def _fill(self) -> bool:
         """Move events into ``_pending`` for one batch; True at the stop marker."""
@@ -424,3 +446,23 @@ class Agent:
                     return False
         self._queue.put_nowait(_STOP)  # seen again after a reconnect
         return True
+
+
+def shorten(event: Event, limit: int) -> Event:
+    """The event with its argv cut so that it encodes in about ``limit`` bytes.
+
+    The cut is marked in ``extra["truncated"]`` with the original argument
+    count, so an analyst knows the command line is incomplete.
+    """
+    argv = list(event.argv or [])
+    budget = max(limit // 2, 1024)
+    kept: list[str] = []
+    for arg in argv:
+        if budget <= 0:
+            break
+        piece = arg[:budget]
+        kept.append(piece)
+        budget -= len(piece.encode()) * 2 + 8  # JSON escaping may double it
+    extra = dict(event.extra or {})
+    extra["truncated"] = f"argv: {len(argv)} arguments, {len(kept)} kept"
+    return msgspec.structs.replace(event, argv=kept, extra=extra)
