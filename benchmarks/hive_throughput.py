@@ -22,15 +22,14 @@ import asyncio
 import os
 import platform
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-
-from immune import broker, config as config_mod
+from immune import broker
+from immune import config as config_mod
 from immune.events import Event, encode, new_id, now_ns
 from immune.hive import Hive
 from immune.mqtt import parse_url
@@ -129,7 +128,12 @@ async def hive_rate(events: list[Event], batch: int, url: str, directory: Path) 
     topic = f"{prefix}/agents/{agent}/events"
     start = time.perf_counter()
     publisher = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", PUBLISHER, address.host, str(address.port), topic,
+        sys.executable,
+        "-c",
+        PUBLISHER,
+        address.host,
+        str(address.port),
+        topic,
         str(blob),
     )
     while hive.metrics.get("storage.events_written") < len(events):
@@ -167,14 +171,20 @@ async def main() -> None:
             async with broker.mosquitto() as url:
                 hive = await hive_rate(events, args.batch, url, directory)
 
-    print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}")
-    print(f"events: {args.events:,} of about {size} bytes, {args.batch} per message "
-          f"({hive['messages']:,} messages, QoS 1)")
+    print(
+        f"machine: {platform.node()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}"
+    )
+    print(
+        f"events: {args.events:,} of about {size} bytes, {args.batch} per message "
+        f"({hive['messages']:,} messages, QoS 1)"
+    )
     print(f"plugins on the bus: {', '.join(hive['plugins'])}")
     print(f"raw sqlite3 executemany:  {raw:>10,.0f} rows/s")
-    print(f"hive, MQTT to stored:     {hive['rate']:>10,.0f} events/s "
-          f"({hive['rate'] / raw:.0%} of raw)")
+    print(
+        f"hive, MQTT to stored:     {hive['rate']:>10,.0f} events/s "
+        f"({hive['rate'] / raw:.0%} of raw)"
+    )
     if hive["rejected"] or hive["handler_errors"]:
         print(f"WARNING: {hive['rejected']} rejected, {hive['handler_errors']} errors")
 

@@ -159,7 +159,8 @@ def _decode_event(data: bytes, seq: int, ack: int) -> ProcEvent:
     if what == PROC_EVENT_EXEC:
         return Exec(ts, *_PIDS2.unpack_from(body))
     if what in (PROC_EVENT_UID, PROC_EVENT_GID):
-        return Ids(ts, *_ID.unpack_from(body), what == PROC_EVENT_GID)
+        pid, tgid, real, effective = _ID.unpack_from(body)
+        return Ids(ts, pid, tgid, real, effective, what == PROC_EVENT_GID)
     if what == PROC_EVENT_COMM:
         pid, tgid, raw = _COMM.unpack_from(body)
         name = raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")

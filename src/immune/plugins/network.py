@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
@@ -53,7 +54,7 @@ class NetworkPlugin:
     name = "network"
 
     def __init__(self) -> None:
-        self.hive: Hive | None = None
+        self.hive: Hive  # set by immune_configure
         self.address: BrokerAddress | None = None
         self.client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
@@ -84,7 +85,7 @@ class NetworkPlugin:
 
     async def run(self) -> None:
         """Stay connected and ingest, until the hive stops."""
-        assert self.hive is not None and self.address is not None
+        assert self.address is not None
         hive, backoff = self.hive, Backoff()
         config = hive.config.mqtt
         identifier = config.client_id or f"immune-hive-{socket.gethostname()}"
@@ -120,7 +121,6 @@ class NetworkPlugin:
                     pass
 
     async def _session(self, client: aiomqtt.Client) -> None:
-        assert self.hive is not None
         hive = self.hive
         for leaf in _LEAVES:
             await client.subscribe(topics.agent_filter(self.prefix, leaf), qos=1)
@@ -169,7 +169,6 @@ class NetworkPlugin:
 
     async def handle(self, message: aiomqtt.Message) -> None:
         """Validate one MQTT message and route it by its topic."""
-        assert self.hive is not None
         hive = self.hive
         topic = str(message.topic)
         payload = message.payload
@@ -194,7 +193,6 @@ class NetworkPlugin:
             await hive.dead_letter(topic, exc.reason, bytes(payload))
 
     async def _events(self, topic: str, agent_id: str, payload: bytes) -> None:
-        assert self.hive is not None
         hive = self.hive
         limit = hive.config.hive.max_payload_bytes
         good, bad = decode_batch(payload, max_bytes=limit, agent_id=agent_id)
@@ -209,7 +207,6 @@ class NetworkPlugin:
     async def _agent_message(
         self, topic: str, agent_id: str, leaf: str, payload: bytes
     ) -> None:
-        assert self.hive is not None
         limit = 64 * 1024
         if len(payload) > limit:
             raise EventError(f"{leaf} payload of {len(payload)} bytes exceeds {limit}")
@@ -257,7 +254,6 @@ class NetworkPlugin:
     # -- agents going silent -----------------------------------------------
 
     async def watch_offline(self) -> None:
-        assert self.hive is not None
         hive = self.hive
         while not hive.stopping.is_set():
             try:
@@ -289,5 +285,5 @@ class NetworkPlugin:
         await client.publish(topic, encode(alert), qos=1)
 
 
-def aiomqtt_messages(client: aiomqtt.Client):
+def aiomqtt_messages(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Message]:
     return aiter(client.messages)
