@@ -359,7 +359,10 @@ async def test_agent_shares_metrics_as_immune_up_runs_it(
         stop.set()
         await asyncio.wait_for(task, 10)
     assert shared.get("events.received") == 7
-    assert shared.get("agent.events_sent") == 2  # agent_start, agent_stop
+    # agent_start, agent_stop, and whatever the /proc sensor saw meanwhile:
+    # other processes of this machine may come and go during the test.
+    assert shared.get("agent.events_sent") == shared.get("agent.events_seen") >= 2
+    assert shared.get("agent.dropped") == 0
     await clear_retained(mqtt_broker, agent.topic("status"))
 
 

@@ -7,11 +7,11 @@ import pwd
 import shutil
 import struct
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
+from sensing import EventCollector
 
 from immune.agent import cnproc
 from immune.agent.cnproc import (
@@ -206,30 +206,9 @@ def test_event_timestamp_is_wall_clock(offline_sensor) -> None:
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="CN_PROC needs root")
 
 
-class Collector:
-    """Gathers events from the sensor thread; waits for one that matches."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self._cond = threading.Condition()
-
-    def __call__(self, event: Event) -> None:
-        with self._cond:
-            self.events.append(event)
-            self._cond.notify_all()
-
-    def wait_for(self, match: Callable[[Event], bool], timeout: float = 5.0) -> Event:
-        with self._cond:
-            found = self._cond.wait_for(
-                lambda: next((e for e in self.events if match(e)), None), timeout
-            )
-        assert found, f"no matching event among {len(self.events)}"
-        return next(e for e in self.events if match(e))
-
-
 @pytest.fixture
-def live() -> Iterator[Collector]:
-    collector = Collector()
+def live() -> Iterator[EventCollector]:
+    collector = EventCollector()
     sensor = CnProcSensor(agent_id="a1", host="h", emit=collector)
     with sensor:
         yield collector
@@ -238,7 +217,7 @@ def live() -> Iterator[Collector]:
 
 @pytest.mark.root
 @needs_root
-def test_live_fork_exec_exit_of_a_short_process(live: Collector, tmp_path) -> None:
+def test_live_fork_exec_exit_of_a_short_process(live: EventCollector, tmp_path) -> None:
     program = tmp_path / "true-copy"
     shutil.copy("/bin/true", program)
     argv = [str(program), "--flag", "two words"]
@@ -264,7 +243,7 @@ def test_live_fork_exec_exit_of_a_short_process(live: Collector, tmp_path) -> No
 
 @pytest.mark.root
 @needs_root
-def test_live_exit_code_of_a_killed_process(live: Collector) -> None:
+def test_live_exit_code_of_a_killed_process(live: EventCollector) -> None:
     proc = subprocess.Popen(["sh", "-c", "kill -TERM $$"])
     assert proc.wait(5) == -15
     end = live.wait_for(lambda e: e.kind == "exit" and e.pid == proc.pid)
@@ -282,7 +261,7 @@ def _have_su_and_nobody() -> bool:
 @pytest.mark.root
 @needs_root
 @pytest.mark.skipif(not _have_su_and_nobody(), reason="needs su and user nobody")
-def test_live_setuid_of_su(live: Collector) -> None:
+def test_live_setuid_of_su(live: EventCollector) -> None:
     nobody = pwd.getpwnam("nobody").pw_uid
     su = subprocess.Popen(["su", "nobody", "-s", "/bin/sh", "-c", "true"])
     assert su.wait(10) == 0

@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import threading
 import time
-from collections.abc import Callable
 
 import pytest
+from sensing import EventCollector
 
 from immune.agent import procfs, sensors
 from immune.agent.procfs import (
@@ -23,7 +22,6 @@ from immune.agent.procfs import (
     unescape_name,
 )
 from immune.agent.sensors import Sensor, SensorUnavailableError, open_first
-from immune.events import Event
 
 # --- Parsers --------------------------------------------------------------------
 
@@ -120,27 +118,8 @@ def test_cache_inherit_copies_the_parent() -> None:
 # --- The polling sensor -------------------------------------------------------
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self._cond = threading.Condition()
-
-    def __call__(self, event: Event) -> None:
-        with self._cond:
-            self.events.append(event)
-            self._cond.notify_all()
-
-    def wait_for(self, match: Callable[[Event], bool], timeout: float = 5.0) -> Event:
-        with self._cond:
-            found = self._cond.wait_for(
-                lambda: next((e for e in self.events if match(e)), None), timeout
-            )
-        assert found, f"no match among {[(e.kind, e.pid) for e in self.events]}"
-        return found
-
-
 def test_poll_sensor_sees_a_child_start_and_end(tmp_path) -> None:
-    collector = Collector()
+    collector = EventCollector()
     sensor = ProcPollSensor(
         agent_id="a1", host="h", emit=collector, interval=0.05, cache_size=100_000
     )
@@ -162,7 +141,7 @@ def test_poll_sensor_sees_a_child_start_and_end(tmp_path) -> None:
 
 
 def test_poll_sensor_sees_an_euid_change() -> None:
-    collector = Collector()
+    collector = EventCollector()
     sensor = ProcPollSensor(agent_id="a1", host="h", emit=collector)
     sensor.cache.put(ProcInfo(os.getppid(), euid=12345, comm=_comm(os.getppid())))
     sensor._check(os.getppid())
@@ -171,7 +150,7 @@ def test_poll_sensor_sees_an_euid_change() -> None:
 
 
 def test_poll_sensor_reports_an_exec_in_place() -> None:
-    collector = Collector()
+    collector = EventCollector()
     sensor = ProcPollSensor(agent_id="a1", host="h", emit=collector)
     parent = os.getppid()
     start = procfs.read_start(parent)
@@ -238,7 +217,7 @@ def test_a_dying_sensor_reports_its_error(caplog) -> None:
 
 
 def test_poll_sensor_reports_an_empty_argv_on_second_sight(monkeypatch) -> None:
-    collector = Collector()
+    collector = EventCollector()
     sensor = ProcPollSensor(agent_id="a1", host="h", emit=collector)
     empty = ProcInfo(4242, ppid=1, comm="pkexec", exe="/usr/bin/pkexec", argv=[])
     monkeypatch.setattr(procfs, "read_process", lambda pid: empty)
