@@ -61,31 +61,34 @@ def up_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def start_up(cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+def start_up(
+    cwd: Path, env: dict[str, str], command: str = "up", ready: str = "IMMUNE is up"
+) -> subprocess.Popen[str]:
     # Output goes to a file: a pipe nobody reads would fill and block it.
-    with (cwd / "up.log").open("w") as log:
+    log = cwd / f"{command}.log"
+    with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "immune", "up"],
+            [sys.executable, "-m", "immune", command],
             cwd=cwd,
             env=env,
-            stdout=log,
+            stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
         )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:
-        if "IMMUNE is up" in (cwd / "up.log").read_text():
+        if ready in log.read_text():
             return proc
         time.sleep(0.1)
     proc.kill()
     proc.wait()
-    raise AssertionError("immune up did not come up:\n" + (cwd / "up.log").read_text())
+    raise AssertionError(f"immune {command} did not start:\n{log.read_text()}")
 
 
-def stop_up(proc: subprocess.Popen[str], cwd: Path) -> str:
+def stop_up(proc: subprocess.Popen[str], cwd: Path, command: str = "up") -> str:
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
-    out = (cwd / "up.log").read_text()
+    out = (cwd / f"{command}.log").read_text()
     assert proc.returncode == 0, out
     return out
 
@@ -133,6 +136,42 @@ def test_up_reports_a_temp_dir_exec_and_su(tmp_path: Path, up_env, mqtt_broker) 
     assert "Program executed from a temporary directory" in out  # printed live
     log = (tmp_path / "immune-alerts.log").read_text()
     assert str(planted) in log
+
+
+@needs_root
+@pytest.mark.mqtt
+@pytest.mark.root
+def test_up_hive_and_agent_as_separate_processes(
+    tmp_path: Path, up_env, mqtt_broker
+) -> None:
+    up_env["IMMUNE_MQTT__URL"] = mqtt_broker
+    hive = start_up(tmp_path, up_env, "hive", ready="listening under")
+    try:
+        agent = start_up(tmp_path, up_env, "agent", ready="connected to")
+        try:
+            planted = tmp_path / "planted"
+            shutil.copy("/bin/true", planted)
+            subprocess.run([str(planted), "--separately"], check=True)
+            execs = poll_json(
+                ["events", "--kind", "exec", "--limit", "500"],
+                tmp_path,
+                up_env,
+                lambda rows: any(r.get("exe") == str(planted) for r in rows),
+            )
+            poll_json(
+                ["alerts"],
+                tmp_path,
+                up_env,
+                lambda rows: any(r["data"].get("exe") == str(planted) for r in rows),
+            )
+        finally:
+            stop_up(agent, tmp_path, "agent")
+    finally:
+        stop_up(hive, tmp_path, "hive")
+    hit = next(r for r in execs if r.get("exe") == str(planted))
+    assert hit["argv"] == [str(planted), "--separately"]
+    assert hit["agent_id"] == up_env["IMMUNE_AGENT__ID"]
+    assert hit["sensor"] == "cn_proc"
 
 
 @needs_root
