@@ -15,7 +15,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from itertools import islice
 from types import TracebackType
 from typing import Any, TypeVar
@@ -197,6 +197,19 @@ class Store:
             await self._wait_for_room()
         self._events.append((time.time_ns(), event))
         self._queued()
+
+    def offer_event(self, event: Event) -> Awaitable[None] | None:
+        """Queue an event at once if there is room, as :meth:`add_event` does.
+
+        Returns None when the event was queued, else the awaitable of
+        :meth:`add_event`, which waits for room. The hive subscribes this to
+        every event: the usual case then costs no coroutine.
+        """
+        if self.pending >= self.config.max_pending:
+            return self.add_event(event)
+        self._events.append((time.time_ns(), event))
+        self._queued()
+        return None
 
     async def add_events(self, events: Sequence[Event]) -> None:
         """Queue events (see :meth:`add_event`), waiting for room as needed."""
