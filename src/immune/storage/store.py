@@ -2,11 +2,13 @@
 
 Events, alerts and dead letters are buffered and written in batches, one
 transaction per batch, from a worker thread, so the event loop never waits on
-the database. A batch is written when ``batch_size`` rows are pending or every
-``flush_interval`` seconds. Nothing is dropped: when the database is locked or
-gone, the rows stay pending and the write is retried with exponential backoff;
-when ``max_pending`` rows are pending, writers wait. A row the database
-refuses by itself becomes a dead letter with the database's reason.
+the database; by default the events' rows are built and inserted by a child
+process (:mod:`immune.storage.process`), on another core. A batch is written
+when ``batch_size`` rows are pending or every ``flush_interval`` seconds.
+Nothing is dropped: when the database is locked or gone, the rows stay
+pending and the write is retried with exponential backoff; when
+``max_pending`` rows are pending, writers wait. A row the database refuses by
+itself becomes a dead letter with the database's reason.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from immune.storage.engine import (
     make_engine,
     normalize_url,
 )
+from immune.storage.process import WriterProcess
 from immune.storage.writer import (
     Batch,
     Outcome,
@@ -79,6 +82,11 @@ class Store:
         self._writer = make_engine(self.url, writer=True, busy_timeout=busy_timeout)
         self._reader = make_engine(self.url, writer=False, busy_timeout=busy_timeout)
         self._sql = Statements.for_dialect(self._writer.dialect.name)
+        self._process = (
+            WriterProcess(self.url, busy_timeout=busy_timeout)
+            if self.config.writer == "process"
+            else None
+        )
         self._events: list[tuple[int, Event]] = []
         self._alerts: dict[str, Alert] = {}
         self._dead: list[Row] = []
@@ -144,11 +152,15 @@ class Store:
             self._wake.set()
             await task
         await self.flush()
+        if self._process is not None:
+            await asyncio.to_thread(self._process.close)
 
     def close(self) -> None:
         """Close the database connections (after :meth:`stop`)."""
         if self.pending:
             logger.warning("Closing storage with %d rows unwritten.", self.pending)
+        if self._process is not None:
+            self._process.close()
         self._writer.dispose()
         self._reader.dispose()
 
@@ -331,8 +343,9 @@ class Store:
         return batch
 
     async def _write_once(self, batch: Batch) -> tuple[BaseException | None, int]:
+        write = write_batch if self._process is None else self._process.write
         future = asyncio.ensure_future(
-            asyncio.to_thread(write_batch, self._writer, self._sql, batch)
+            asyncio.to_thread(write, self._writer, self._sql, batch)
         )
         try:
             await asyncio.wait((future,))
