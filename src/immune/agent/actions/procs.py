@@ -61,6 +61,16 @@ def check_target(pid: int, start: int | None = None) -> None:
             raise ActionError(msg)
 
 
+def check_tree(pid: int) -> None:
+    """Refuse to act on the tree of ``pid`` when the agent is part of it.
+
+    Raises:
+        ActionError: ``pid`` is an ancestor of the agent.
+    """
+    if pid in {p.pid for p in psutil.Process().parents()}:
+        raise ActionError(f"pid {pid} refused: the agent is in its tree")
+
+
 def descendants(pid: int) -> list[int]:
     """The pids of every descendant of ``pid`` (none if it is gone)."""
     try:
@@ -76,12 +86,11 @@ def stop_tree(pid: int) -> list[int]:
         The pids stopped, ``pid`` first. Repeats until a pass finds no new
         descendant, so a child forked during the walk is caught too.
     """
+    check_tree(pid)
     stopped: list[int] = []
     todo = [pid]
     for _ in range(16):
         for p in todo:
-            if p == os.getpid():
-                raise ActionError(f"pid {pid} refused: the agent is in its tree")
             if _signal(p, signal.SIGSTOP):
                 stopped.append(p)
         todo = [p for p in descendants(pid) if p not in stopped]

@@ -156,6 +156,7 @@ class Responder:
         procs.check_target(a.pid, a.start)
         pids = [a.pid]
         if a.tree:
+            procs.check_tree(a.pid)
             pids += [p for p in procs.descendants(a.pid) if p != os.getpid()]
         name = f"{kind}-{a.pid}"
         return name, self.cgroups.capture(name, pids)
