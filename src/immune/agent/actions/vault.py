@@ -83,18 +83,25 @@ class Vault:
             raise ActionError(f"path {path!r} must be absolute")
         if Path(path).resolve().is_relative_to(self.directory.resolve()):
             raise ActionError(f"{path} is inside the vault")
+        # O_NONBLOCK: opening a FIFO must not hang the agent; it is refused.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, flags)
         except OSError as exc:
             raise ActionError(f"cannot open {path}: {exc.strerror}") from exc
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ActionError(f"{path} is not a regular file")
         with os.fdopen(fd, "rb") as src:
-            st = os.fstat(src.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ActionError(f"{path} is not a regular file")
             if st.st_size > self.max_file:
                 raise ActionError(f"{path} is larger than {self.max_file} bytes")
             record = self._seal(src, path, st)
-        self._check(record)
+        try:
+            self._check(record)
+        except ActionError:
+            self._discard(record["id"])
+            raise
         os.unlink(path)
         logger.info("Quarantined %s as %s.", path, record["id"])
         return record
@@ -102,9 +109,29 @@ class Vault:
     def _seal(self, src: IO[bytes], path: str, st: os.stat_result) -> dict[str, Any]:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         item = new_id()
+        sealed = self.directory / f"{item}.bin"
+        try:
+            digest, size = self._encrypt(src, sealed, item)
+        except BaseException:
+            sealed.unlink(missing_ok=True)
+            raise
+        record = {
+            "id": item,
+            "path": path,
+            "sha256": digest,
+            "size": size,
+            "mode": stat.S_IMODE(st.st_mode),
+            "uid": st.st_uid,
+            "gid": st.st_gid,
+            "mtime_ns": st.st_mtime_ns,
+            "quarantined_ns": now_ns(),
+        }
+        (self.directory / f"{item}.json").write_text(json.dumps(record))
+        return record
+
+    def _encrypt(self, src: IO[bytes], sealed: Path, item: str) -> tuple[str, int]:
         aead, prefix = AESGCM(self._key()), os.urandom(8)
         digest, size = hashlib.sha256(), 0
-        sealed = self.directory / f"{item}.bin"
         with open(sealed, "xb") as out:
             out.write(MAGIC + prefix)
             for number, chunk, last in _chunks(src):
@@ -116,19 +143,11 @@ class Vault:
                 out.write(struct.pack(">I", len(box)) + box)
             out.flush()
             os.fsync(out.fileno())
-        record = {
-            "id": item,
-            "path": path,
-            "sha256": digest.hexdigest(),
-            "size": size,
-            "mode": stat.S_IMODE(st.st_mode),
-            "uid": st.st_uid,
-            "gid": st.st_gid,
-            "mtime_ns": st.st_mtime_ns,
-            "quarantined_ns": now_ns(),
-        }
-        (self.directory / f"{item}.json").write_text(json.dumps(record))
-        return record
+        return digest.hexdigest(), size
+
+    def _discard(self, item: str) -> None:
+        for suffix in (".bin", ".json"):
+            (self.directory / f"{item}{suffix}").unlink(missing_ok=True)
 
     def _check(self, record: dict[str, Any]) -> None:
         # Read the sealed copy back before the original goes.
@@ -192,8 +211,7 @@ class Vault:
         finally:
             if tmp.exists():
                 tmp.unlink()
-        for suffix in (".bin", ".json"):
-            (self.directory / f"{item}{suffix}").unlink()
+        self._discard(item)
         logger.info("Restored %s from %s.", path, item)
         return record
 
