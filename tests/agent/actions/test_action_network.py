@@ -1,0 +1,250 @@
+"""isolate, block and jail with nftables, inside network namespaces the test makes.
+
+``net.host`` plays the machine under test: the responder runs nft there
+(``Settings.netns``). ``net.peer`` plays the outside world, joined by a veth
+pair, with echo servers on real TCP ports. Connectivity is checked with real
+sockets made inside ``net.host``. The machine's own ruleset is never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from actionkit import Net, cleanup_cgroups, in_netns, make_responder
+
+from immune.agent.actions import ACTIONS, ActionError, Responder, configure
+
+BROKER_PORT, OTHER_PORT = 1883, 8080
+
+
+def _echo(server: socket.socket) -> None:
+    while True:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        threading.Thread(target=_echo_one, args=(conn,), daemon=True).start()
+
+
+def _echo_one(conn: socket.socket) -> None:
+    # A client killed mid-connection resets it; that ends this echo only.
+    with conn, contextlib.suppress(OSError):
+        while data := conn.recv(64):
+            conn.sendall(data)
+
+
+@pytest.fixture
+def servers(net: Net) -> Iterator[None]:
+    """Echo servers in the peer namespace on BROKER_PORT and OTHER_PORT."""
+    made = [
+        in_netns(net.peer, lambda p=port: socket.create_server(("0.0.0.0", p)))
+        for port in (BROKER_PORT, OTHER_PORT)
+    ]
+    for server in made:
+        threading.Thread(target=_echo, args=(server,), daemon=True).start()
+    yield
+    for server in made:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+
+
+@pytest.fixture
+def responder(net: Net, servers: None, tmp_path: Path) -> Iterator[Responder]:
+    mine = make_responder(tmp_path, netns=net.host, broker=(net.peer_addr, BROKER_PORT))
+    previous = configure(mine)
+    yield mine
+    configure(previous)
+    cleanup_cgroups(mine)
+
+
+def reachable(net: Net, port: int, timeout: float = 0.5) -> bool:
+    """Whether a TCP echo to the peer's ``port`` works from the host namespace."""
+
+    def probe() -> bool:
+        try:
+            with socket.create_connection((net.peer_addr, port), timeout=timeout) as s:
+                s.sendall(b"ping")
+                return s.recv(4) == b"ping"
+        except OSError:
+            return False
+
+    return in_netns(net.host, probe)
+
+
+async def eventually(net: Net, port: int, want: bool, seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while reachable(net, port, 0.3) != want:
+        assert loop.time() < deadline, (
+            f"port {port} reachable={not want} after {seconds} s"
+        )
+        await asyncio.sleep(0.2)
+
+
+def ruleset(net: Net) -> str:
+    done = subprocess.run(
+        ["ip", "netns", "exec", net.host, "nft", "list", "table", "inet", "immune"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout
+
+
+async def test_isolate_keeps_only_the_broker(net: Net, responder: Responder) -> None:
+    assert reachable(net, BROKER_PORT) and reachable(net, OTHER_PORT)
+
+    result = await ACTIONS["isolate"]({})
+    assert result["allowed"] == [[net.peer_addr, BROKER_PORT, "tcp"]]
+    assert reachable(net, BROKER_PORT)
+    assert not reachable(net, OTHER_PORT)
+    assert "drop" in ruleset(net)
+
+    await ACTIONS["unisolate"]({})
+    assert reachable(net, BROKER_PORT) and reachable(net, OTHER_PORT)
+
+
+async def test_isolate_with_an_extra_allowed_endpoint(
+    net: Net, responder: Responder
+) -> None:
+    await ACTIONS["isolate"](
+        {"allow": [{"address": net.peer_addr, "port": OTHER_PORT}]}
+    )
+    assert reachable(net, BROKER_PORT) and reachable(net, OTHER_PORT)
+    await ACTIONS["unisolate"]({})
+
+
+async def test_isolate_expires(net: Net, responder: Responder) -> None:
+    await ACTIONS["isolate"]({"duration": 1})
+    assert not reachable(net, OTHER_PORT)
+    await eventually(net, OTHER_PORT, True, 5)
+
+
+async def test_isolate_without_a_broker_needs_allow(net: Net, tmp_path: Path) -> None:
+    alone = make_responder(tmp_path, netns=net.host)
+    with pytest.raises(ActionError, match="allow"):
+        await alone.isolate({})
+
+
+async def test_block_and_unblock_an_address(net: Net, responder: Responder) -> None:
+    await ACTIONS["block"]({"address": net.peer_addr})
+    assert not reachable(net, BROKER_PORT) and not reachable(net, OTHER_PORT)
+    await ACTIONS["unblock"]({"address": net.peer_addr})
+    assert reachable(net, BROKER_PORT) and reachable(net, OTHER_PORT)
+
+
+async def test_block_a_network(net: Net, responder: Responder) -> None:
+    prefix = net.peer_addr.rsplit(".", 1)[0] + ".0/24"
+    await ACTIONS["block"]({"address": prefix})
+    assert not reachable(net, OTHER_PORT)
+    await ACTIONS["unblock"]({"address": prefix})
+    assert reachable(net, OTHER_PORT)
+
+
+async def test_block_and_unblock_a_port(net: Net, responder: Responder) -> None:
+    await ACTIONS["block"]({"port": OTHER_PORT})
+    assert reachable(net, BROKER_PORT)
+    assert not reachable(net, OTHER_PORT)
+    await ACTIONS["unblock"]({"port": OTHER_PORT})
+    assert reachable(net, OTHER_PORT)
+
+
+async def test_block_expires_in_the_kernel(net: Net, responder: Responder) -> None:
+    await ACTIONS["block"]({"port": OTHER_PORT, "duration": 1})
+    assert "timeout 1s" in ruleset(net)
+    assert not reachable(net, OTHER_PORT)
+    await eventually(net, OTHER_PORT, True, 5)
+
+
+async def test_unblock_of_what_is_not_blocked(net: Net, responder: Responder) -> None:
+    with pytest.raises(ActionError, match="not blocked"):
+        await ACTIONS["unblock"]({"address": "192.0.2.9"})
+
+
+JAILED = """
+import socket, sys
+peer, port = sys.argv[1], int(sys.argv[2])
+old = socket.create_connection((peer, port), timeout=2)
+print("ready", flush=True)
+for line in sys.stdin:
+    what, timeout = line.split()
+    try:
+        if what == "old":
+            s = old
+        else:
+            s = socket.create_connection((peer, port), timeout=float(timeout))
+        s.settimeout(float(timeout))
+        s.sendall(b"x")
+        ok = s.recv(1) == b"x"
+    except OSError:
+        ok = False
+    print("ok" if ok else "fail", flush=True)
+"""
+
+
+class Jailed:
+    """A process in the host namespace with a connection made before the jail."""
+
+    def __init__(self, net: Net) -> None:
+        argv = ["ip", "netns", "exec", net.host, sys.executable, "-c", JAILED]
+        self.proc = subprocess.Popen(
+            [*argv, net.peer_addr, str(OTHER_PORT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.readline() == "ready"
+
+    def readline(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().strip()
+
+    def can(self, what: str, timeout: float) -> bool:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{what} {timeout}\n")
+        self.proc.stdin.flush()
+        return self.readline() == "ok"
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.communicate()
+
+
+@pytest.fixture
+def jailed(net: Net, responder: Responder) -> Iterator[Jailed]:
+    proc = Jailed(net)
+    yield proc
+    with contextlib.suppress(ActionError):
+        asyncio.run(responder.release({"pid": proc.proc.pid}))
+    proc.close()
+
+
+async def test_jail_and_release(net: Net, responder: Responder, jailed: Jailed) -> None:
+    assert jailed.can("old", 2) and jailed.can("new", 2)
+
+    result = await ACTIONS["jail"]({"pid": jailed.proc.pid})
+    assert result["jailed"] == [jailed.proc.pid]
+    assert result["ports"]  # the connection made before the jail
+    with open(f"/proc/{jailed.proc.pid}/cgroup") as f:
+        assert f"/{responder.settings.cgroup_prefix}/jail-{jailed.proc.pid}" in f.read()
+    assert not jailed.can("new", 1)
+    assert not jailed.can("old", 1)
+    assert reachable(net, OTHER_PORT)  # the rest of the host is not jailed
+
+    result = await ACTIONS["release"]({"pid": jailed.proc.pid})
+    assert result["released"] == [jailed.proc.pid]
+    assert jailed.can("new", 2)
+    assert jailed.can("old", 15)  # the dropped byte comes through on retransmit
+
+
+async def test_release_of_a_process_not_jailed(net: Net, responder: Responder) -> None:
+    with pytest.raises(ActionError, match="not jailed"):
+        await ACTIONS["release"]({"pid": 12345})
