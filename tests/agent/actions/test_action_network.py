@@ -21,6 +21,7 @@ import pytest
 from actionkit import Net, cleanup_cgroups, in_netns, make_responder
 
 from immune.agent.actions import ACTIONS, ActionError, Responder, configure
+from immune.agent.actions.cgroups import cgroup2_root
 
 BROKER_PORT, OTHER_PORT = 1883, 8080
 
@@ -248,3 +249,21 @@ async def test_jail_and_release(net: Net, responder: Responder, jailed: Jailed) 
 async def test_release_of_a_process_not_jailed(net: Net, responder: Responder) -> None:
     with pytest.raises(ActionError, match="not jailed"):
         await ACTIONS["release"]({"pid": 12345})
+
+
+async def test_jail_frozen_for_a_while(
+    net: Net, responder: Responder, jailed: Jailed
+) -> None:
+    pid = jailed.proc.pid
+    result = await ACTIONS["jail"]({"pid": pid, "freeze": True, "duration": 1})
+    assert result["frozen"] is True
+    cgroup = cgroup2_root() / responder.settings.cgroup_prefix / f"jail-{pid}"
+    assert "frozen 1" in (cgroup / "cgroup.events").read_text().splitlines()
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while cgroup.exists():
+        assert loop.time() < deadline, "the jail did not expire"
+        await asyncio.sleep(0.1)
+    assert f"jail-{pid}" not in ruleset(net)
+    assert jailed.can("new", 2)
