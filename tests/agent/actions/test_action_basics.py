@@ -96,3 +96,14 @@ async def test_policy_handler_must_return_a_dict(responder: Responder) -> None:
     set_policy_handler(lambda policy: "applied")  # type: ignore[arg-type,return-value]
     with pytest.raises(ActionError, match="returned str"):
         await ACTIONS["policy"]({"v": 1})
+
+
+async def test_block_in_a_missing_namespace_is_an_action_error(tmp_path: Path) -> None:
+    import os
+
+    from actionkit import make_responder, need
+
+    need(os.geteuid() == 0, "needs root (setns)")
+    lost = make_responder(tmp_path, netns="immune-test-does-not-exist")
+    with pytest.raises(ActionError, match="immune-test-does-not-exist"):
+        await lost.block({"port": 4444})

@@ -127,7 +127,11 @@ class Nft:
 
         def body() -> None:
             try:
-                _setns(str(self.netns))
+                try:
+                    _setns(str(self.netns))
+                except OSError as exc:
+                    msg = f"cannot enter network namespace {self.netns}: {exc}"
+                    raise ActionError(msg) from exc
                 result.append(self._run(args, script))
             except BaseException as exc:  # handed to the caller's thread
                 errors.append(exc)
