@@ -96,3 +96,4 @@ class Net:
     peer: str
     host_addr: str
     peer_addr: str
+    peer_addr6: str

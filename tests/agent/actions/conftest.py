@@ -74,9 +74,19 @@ def net(nft_tools: None) -> Iterator[Net]:
         )
         ip("-n", host, "addr", "add", f"10.213.{subnet}.1/24", "dev", "veth0")
         ip("-n", peer, "addr", "add", f"10.213.{subnet}.2/24", "dev", "veth1")
+        for name, dev, end in ((host, "veth0", 1), (peer, "veth1", 2)):
+            # nodad: usable at once, not after duplicate address detection.
+            addr6 = f"fd00:213:{subnet}::{end}/64"
+            ip("-n", name, "-6", "addr", "add", addr6, "dev", dev, "nodad")
         ip("-n", host, "link", "set", "veth0", "up")
         ip("-n", peer, "link", "set", "veth1", "up")
-        yield Net(host, peer, f"10.213.{subnet}.1", f"10.213.{subnet}.2")
+        yield Net(
+            host,
+            peer,
+            f"10.213.{subnet}.1",
+            f"10.213.{subnet}.2",
+            f"fd00:213:{subnet}::2",
+        )
     finally:
         for name in made:
             subprocess.run(

@@ -14,11 +14,12 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from actionkit import Net, cleanup_cgroups, in_netns, make_responder
+from actionkit import Net, cleanup_cgroups, in_netns, ip, make_responder
 
 from immune.agent.actions import ACTIONS, ActionError, Responder, configure
 from immune.agent.actions.cgroups import cgroup2_root
@@ -46,11 +47,21 @@ def _echo_one(conn: socket.socket) -> None:
 def servers(net: Net) -> Iterator[None]:
     """Echo servers in the peer namespace on BROKER_PORT and OTHER_PORT."""
     made = [
-        in_netns(net.peer, lambda p=port: socket.create_server(("0.0.0.0", p)))
+        in_netns(
+            net.peer,
+            lambda p=port: socket.create_server(
+                ("::", p), family=socket.AF_INET6, dualstack_ipv6=True
+            ),
+        )
         for port in (BROKER_PORT, OTHER_PORT)
     ]
     for server in made:
         threading.Thread(target=_echo, args=(server,), daemon=True).start()
+    # IPv6 needs a moment after the links come up (neighbour discovery).
+    deadline = time.monotonic() + 10
+    while not reachable(net, OTHER_PORT, 0.3, net.peer_addr6):
+        assert time.monotonic() < deadline, "IPv6 between the namespaces never worked"
+        time.sleep(0.1)
     yield
     for server in made:
         server.shutdown(socket.SHUT_RDWR)
@@ -66,12 +77,15 @@ def responder(net: Net, servers: None, tmp_path: Path) -> Iterator[Responder]:
     cleanup_cgroups(mine)
 
 
-def reachable(net: Net, port: int, timeout: float = 0.5) -> bool:
+def reachable(
+    net: Net, port: int, timeout: float = 0.5, address: str | None = None
+) -> bool:
     """Whether a TCP echo to the peer's ``port`` works from the host namespace."""
+    target = address or net.peer_addr
 
     def probe() -> bool:
         try:
-            with socket.create_connection((net.peer_addr, port), timeout=timeout) as s:
+            with socket.create_connection((target, port), timeout=timeout) as s:
                 s.sendall(b"ping")
                 return s.recv(4) == b"ping"
         except OSError:
@@ -80,10 +94,12 @@ def reachable(net: Net, port: int, timeout: float = 0.5) -> bool:
     return in_netns(net.host, probe)
 
 
-async def eventually(net: Net, port: int, want: bool, seconds: float) -> None:
+async def eventually(
+    net: Net, port: int, want: bool, seconds: float, address: str | None = None
+) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
-    while reachable(net, port, 0.3) != want:
+    while reachable(net, port, 0.3, address) != want:
         assert loop.time() < deadline, (
             f"port {port} reachable={not want} after {seconds} s"
         )
@@ -140,6 +156,47 @@ async def test_block_and_unblock_an_address(net: Net, responder: Responder) -> N
     assert not reachable(net, BROKER_PORT) and not reachable(net, OTHER_PORT)
     await ACTIONS["unblock"]({"address": net.peer_addr})
     assert reachable(net, BROKER_PORT) and reachable(net, OTHER_PORT)
+
+
+async def test_block_an_ipv6_address(net: Net, responder: Responder) -> None:
+    assert reachable(net, OTHER_PORT, address=net.peer_addr6)
+    await ACTIONS["block"]({"address": net.peer_addr6})
+    assert not reachable(net, OTHER_PORT, address=net.peer_addr6)
+    assert reachable(net, OTHER_PORT)  # IPv4 to the same peer is not blocked
+    await ACTIONS["unblock"]({"address": net.peer_addr6})
+    assert reachable(net, OTHER_PORT, address=net.peer_addr6)
+
+
+async def test_isolate_cuts_connections_made_before(
+    net: Net, responder: Responder
+) -> None:
+    conn = in_netns(
+        net.host, lambda: socket.create_connection((net.peer_addr, OTHER_PORT), 2)
+    )
+    with conn:
+        conn.settimeout(1)
+        conn.sendall(b"a")
+        assert conn.recv(1) == b"a"
+        await ACTIONS["isolate"]({})
+        conn.sendall(b"b")
+        with pytest.raises(TimeoutError):
+            conn.recv(1)
+        await ACTIONS["unisolate"]({})
+        conn.settimeout(15)
+        assert conn.recv(1) == b"b"  # retransmitted once the way is open
+
+
+async def test_isolate_over_ipv6(net: Net, servers: None, tmp_path: Path) -> None:
+    broker = (net.peer_addr6, BROKER_PORT)
+    six = make_responder(tmp_path, netns=net.host, broker=broker)
+    await six.isolate({})
+    # Forget the peer's link address: reaching it now needs neighbour discovery.
+    ip("-n", net.host, "-6", "neigh", "flush", "all")
+    assert reachable(net, BROKER_PORT, address=net.peer_addr6)
+    assert not reachable(net, OTHER_PORT, address=net.peer_addr6)
+    assert not reachable(net, BROKER_PORT)  # the broker's IPv4 was not allowed
+    await six.unisolate({})
+    assert reachable(net, OTHER_PORT, address=net.peer_addr6)
 
 
 async def test_block_a_network(net: Net, responder: Responder) -> None:

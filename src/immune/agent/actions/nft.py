@@ -10,7 +10,7 @@ table undoes all of IMMUNE's network actions:
   duration.
 - ``isolate_in``, ``isolate_out`` and ``isolate_fwd`` are empty until the
   host is isolated; then they accept loopback and the allowed endpoints
-  (the broker) and drop the rest.
+  (the broker) and IPv6 neighbour discovery, and drop the rest.
 - ``jail_cgroups`` holds IMMUNE's jail cgroups: sockets made by a process in
   one are dropped (``socket cgroupv2``). A socket opened before the jail keeps
   the cgroup it was made in, so the jail also puts the local ports of the
@@ -233,11 +233,18 @@ class Allowed:
         )
 
 
+_ND = "{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert }"
+
+
 def isolate_script(allowed: list[Allowed]) -> str:
     """Replace the isolation chains with: loopback and ``allowed``, else drop."""
     lines = [f"flush chain {TABLE} isolate_{c}\n" for c in ("in", "out", "fwd")]
     lines.append(f"add rule {TABLE} isolate_in iif lo accept\n")
     lines.append(f"add rule {TABLE} isolate_out oif lo accept\n")
+    # IPv6 finds its neighbours with ICMPv6 (IPv4's ARP is not in the inet
+    # family): without these the broker's IPv6 address is unreachable too.
+    for chain in ("in", "out"):
+        lines.append(f"add rule {TABLE} isolate_{chain} icmpv6 type {_ND} accept\n")
     for item in allowed:
         rule_in, rule_out = item.rules()
         lines.append(f"add rule {TABLE} isolate_in {rule_in}\n")

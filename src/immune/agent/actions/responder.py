@@ -125,10 +125,16 @@ class Responder:
     # -- process actions ---------------------------------------------------
 
     async def ping(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Answer, to show the agent takes commands (args: :class:`PingArgs`)."""
         a = parse("ping", args, PingArgs)
         return {"pong": True, "echo": a.echo, "pid": os.getpid(), "time_ns": now_ns()}
 
     async def kill(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Signal a process or, with ``tree``, all of it (args: :class:`KillArgs`).
+
+        Raises:
+            ActionError: a refused target, or one still running after ``wait``.
+        """
         a = parse("kill", args, KillArgs)
         sig = signal.SIGKILL if a.signal == "KILL" else signal.SIGTERM
         procs.check_target(a.pid, a.start)
@@ -147,6 +153,7 @@ class Responder:
         return {"pid": a.pid, "signal": a.signal, "killed": sent}
 
     async def collect(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Evidence of a process (args: :class:`PidArgs`); see :func:`procs.collect`."""
         a = parse("collect", args, PidArgs)
         return await asyncio.to_thread(procs.collect, a.pid)
 
@@ -162,6 +169,7 @@ class Responder:
         return name, self.cgroups.capture(name, pids)
 
     async def freeze(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Move a process to its own cgroup and freeze it (:class:`FreezeArgs`)."""
         a = parse("freeze", args, FreezeArgs)
         name, origins = await asyncio.to_thread(self._capture, "freeze", a)
         frozen = await asyncio.to_thread(self.cgroups.set_frozen, name, True)
@@ -173,6 +181,7 @@ class Responder:
                 "frozen": list(map(int, origins)), "origins": origins}  # fmt: skip
 
     async def thaw(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Undo :meth:`freeze`: thaw and move back (args: :class:`PidArgs`)."""
         a = parse("thaw", args, PidArgs)
         name = f"freeze-{a.pid}"
         return await asyncio.to_thread(self._thaw, name, a.pid)
@@ -186,6 +195,7 @@ class Responder:
         return {"pid": pid, "thawed": list(map(int, moved)), "moved_to": moved}
 
     async def jail(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Cut a process off the network in its own cgroup (:class:`JailArgs`)."""
         a = parse("jail", args, JailArgs)
         await self._ensure_table()
         name, origins = await asyncio.to_thread(self._capture, "jail", a)
@@ -206,6 +216,7 @@ class Responder:
                 "frozen": a.freeze, "duration": a.duration}  # fmt: skip
 
     async def release(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Undo :meth:`jail` (args: :class:`PidArgs`)."""
         a = parse("release", args, PidArgs)
         name = f"jail-{a.pid}"
         if name not in self.cgroups.records():
@@ -245,6 +256,10 @@ class Responder:
     # -- network: isolate and block ---------------------------------------
 
     async def isolate(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Cut the host off but for loopback, the broker and ``allow``.
+
+        Args are :class:`IsolateArgs`; a new isolation replaces the last.
+        """
         a = parse("isolate", args, IsolateArgs)
         allowed = [
             allowed
@@ -267,6 +282,7 @@ class Responder:
         return {"isolated": True, "allowed": kept, "duration": a.duration}
 
     async def unisolate(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Undo :meth:`isolate` (no args)."""
         parse("unisolate", args, _Args)
         self._cancel("isolate")
         await self._ensure_table()
@@ -275,6 +291,7 @@ class Responder:
         return {"isolated": False}
 
     async def block(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Drop an address, a network or a port (args: :class:`BlockArgs`)."""
         a = parse("block", args, BlockArgs)
         script = self._block_script("add", "block", a)
         await self._ensure_table()
@@ -283,6 +300,7 @@ class Responder:
         return {"address": a.address, "port": a.port, "duration": a.duration}
 
     async def unblock(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Undo :meth:`block` of the same address or port."""
         a = parse("unblock", args, BlockArgs)
         script = self._block_script("delete", "unblock", a)
         await self._ensure_table()
@@ -309,14 +327,17 @@ class Responder:
     # -- files and policy --------------------------------------------------
 
     async def quarantine(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Move a file into the vault (args: :class:`PathArgs`)."""
         a = parse("quarantine", args, PathArgs)
         return await asyncio.to_thread(self.vault.quarantine, a.path)
 
     async def restore(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Put a vault item back, checked (args: :class:`RestoreArgs`)."""
         a = parse("restore", args, RestoreArgs)
         return await asyncio.to_thread(self.vault.restore, a.id, a.overwrite)
 
     async def policy(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Hand ``args``, a new local policy, to the agent's policy handler."""
         if not isinstance(args, dict):
             raise ActionError("arguments must be a JSON object", "policy")
         if self.policy_handler is None:
