@@ -1,4 +1,4 @@
-"""The ACTIONS table, argument checks, ping and the policy hook."""
+"""The ACTIONS table, argument checks, ping, the policy hook, nft script inputs."""
 
 from __future__ import annotations
 
@@ -7,8 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from immune.agent.actions import ACTIONS, ActionError, Responder, set_policy_handler
+from immune.agent.actions import (
+    ACTIONS,
+    ActionError,
+    Responder,
+    nft,
+    set_policy_handler,
+)
 
 CONTRACT = {
     "ping", "kill", "freeze", "thaw", "jail", "release", "isolate", "unisolate",
@@ -107,3 +115,37 @@ async def test_block_in_a_missing_namespace_is_an_action_error(tmp_path: Path) -
     lost = make_responder(tmp_path, netns="immune-test-does-not-exist")
     with pytest.raises(ActionError, match="immune-test-does-not-exist"):
         await lost.block({"port": 4444})
+
+
+# --------------------------------------------------------------------------
+# What may reach an nft script
+# --------------------------------------------------------------------------
+
+
+@given(st.text(max_size=60))
+def test_only_addresses_reach_an_nft_script(value: str) -> None:
+    import re
+
+    try:
+        net = nft.network(value)
+    except ActionError as exc:
+        assert repr(value) in str(exc)
+        return
+    line = nft.elements("add", nft.address_set(net), [nft.element(net)], 60)
+    body = line.split("{", 1)[1]
+    assert re.fullmatch(r" [0-9a-f.:/]+ timeout 60s }\n", body), line
+
+
+@pytest.mark.parametrize("part", ['a"b', "a b", "..", "a;b", "", "x\n"])
+def test_cgroup_paths_with_odd_characters_are_refused(part: str) -> None:
+    with pytest.raises(ActionError):
+        nft.quoted(f"immune/{part}")
+
+
+async def test_broker_names_are_resolved_to_addresses() -> None:
+    from immune.agent.actions.responder import _resolve
+
+    allowed = await _resolve("localhost", 1883, "tcp")
+    assert nft.Allowed(nft.network("127.0.0.1"), 1883, "tcp") in allowed
+    with pytest.raises(ActionError, match="resolve"):
+        await _resolve("no-such-host.invalid", 1883, "tcp")

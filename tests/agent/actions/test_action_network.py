@@ -228,18 +228,30 @@ async def test_unblock_of_what_is_not_blocked(net: Net, responder: Responder) ->
 
 
 JAILED = """
-import socket, sys
+import socket, sys, threading
 peer, port = sys.argv[1], int(sys.argv[2])
 old = socket.create_connection((peer, port), timeout=2)
+
+def echo(server):
+    while True:
+        conn, _ = server.accept()
+        conn.sendall(conn.recv(1))
+        conn.close()
+
 print("ready", flush=True)
 for line in sys.stdin:
-    what, timeout = line.split()
+    what, value = line.split()
+    if what == "listen":
+        server = socket.create_server(("0.0.0.0", int(value)))
+        threading.Thread(target=echo, args=(server,), daemon=True).start()
+        print("ok", flush=True)
+        continue
     try:
         if what == "old":
             s = old
         else:
-            s = socket.create_connection((peer, port), timeout=float(timeout))
-        s.settimeout(float(timeout))
+            s = socket.create_connection((peer, port), timeout=float(value))
+        s.settimeout(float(value))
         s.sendall(b"x")
         ok = s.recv(1) == b"x"
     except OSError:
@@ -324,3 +336,27 @@ async def test_jail_frozen_for_a_while(
         await asyncio.sleep(0.1)
     assert f"jail-{pid}" not in ruleset(net)
     assert jailed.can("new", 2)
+
+
+def peer_reaches(net: Net, port: int) -> bool:
+    """Whether the peer can talk to a server on the host namespace's ``port``."""
+
+    def probe() -> bool:
+        try:
+            with socket.create_connection((net.host_addr, port), timeout=1) as s:
+                s.sendall(b"z")
+                return s.recv(1) == b"z"
+        except OSError:
+            return False
+
+    return in_netns(net.peer, probe)
+
+
+async def test_jail_cuts_a_server_started_inside(
+    net: Net, responder: Responder, jailed: Jailed
+) -> None:
+    await ACTIONS["jail"]({"pid": jailed.proc.pid})
+    assert jailed.can("listen", 7001)
+    assert not peer_reaches(net, 7001)
+    await ACTIONS["release"]({"pid": jailed.proc.pid})
+    assert peer_reaches(net, 7001)
