@@ -30,7 +30,14 @@ def need(condition: bool, reason: str) -> None:
 
 
 def make_responder(tmp_path: Path, **settings: Any) -> Responder:
+    """A responder with its own state and cgroup prefix.
+
+    Unless the test gives a ``netns`` of its own, nft is pointed at a
+    namespace that does not exist: a test can then never change the
+    machine's own ruleset, even by mistake.
+    """
     prefix = f"immune-test-{uuid.uuid4().hex[:12]}"
+    settings.setdefault("netns", f"{prefix}-no-netns")
     return Responder(
         Settings(state_dir=tmp_path / "state", cgroup_prefix=prefix, **settings)
     )

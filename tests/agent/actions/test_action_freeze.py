@@ -134,3 +134,17 @@ async def test_freeze_refuses_the_agent(responder: Responder) -> None:
 
     with pytest.raises(ActionError, match="agent itself"):
         await ACTIONS["freeze"]({"pid": os.getpid()})
+
+
+async def test_freeze_collect_kill_thaw(
+    responder: Responder, busy: subprocess.Popen[bytes]
+) -> None:
+    # What a responder does with a suspect: stop it, look at it, end it.
+    await ACTIONS["freeze"]({"pid": busy.pid})
+    evidence = await ACTIONS["collect"]({"pid": busy.pid})
+    assert evidence["cmdline"][-1] == "while True: pass"
+    await ACTIONS["kill"]({"pid": busy.pid})
+    assert busy.wait(5) == -9
+    result = await ACTIONS["thaw"]({"pid": busy.pid})
+    assert result["thawed"] == []
+    assert responder.cgroups.records() == {}

@@ -360,3 +360,15 @@ async def test_jail_cuts_a_server_started_inside(
     assert not peer_reaches(net, 7001)
     await ACTIONS["release"]({"pid": jailed.proc.pid})
     assert peer_reaches(net, 7001)
+
+
+async def test_freeze_of_a_jailed_process_is_refused(
+    net: Net, responder: Responder, jailed: Jailed
+) -> None:
+    pid = jailed.proc.pid
+    await ACTIONS["jail"]({"pid": pid})
+    with pytest.raises(ActionError, match="held in"):
+        await ACTIONS["freeze"]({"pid": pid})
+    with open(f"/proc/{pid}/cgroup") as f:
+        assert f"/jail-{pid}" in f.read()
+    assert not jailed.can("new", 1)
