@@ -372,3 +372,16 @@ async def test_freeze_of_a_jailed_process_is_refused(
     with open(f"/proc/{pid}/cgroup") as f:
         assert f"/jail-{pid}" in f.read()
     assert not jailed.can("new", 1)
+
+
+async def test_release_after_the_sets_were_flushed(
+    net: Net, responder: Responder, jailed: Jailed
+) -> None:
+    pid = jailed.proc.pid
+    await ACTIONS["jail"]({"pid": pid})
+    flush = ["ip", "netns", "exec", net.host, "nft", "flush", "set", "inet", "immune"]
+    subprocess.run([*flush, "jail_ports"], check=True)
+    result = await ACTIONS["release"]({"pid": pid})
+    assert result["released"] == [pid]
+    assert f"jail-{pid}" not in ruleset(net)
+    assert jailed.can("new", 2)

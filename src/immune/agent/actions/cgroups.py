@@ -113,10 +113,10 @@ class Cgroups:
         if name in records:
             raise ActionError(f"cgroup {self.prefix}/{name} is in use already")
         origins = {str(pid): cgroup_of(pid) for pid in pids}
-        for pid, origin in origins.items():
+        for held, origin in origins.items():
             # Moving it would undo the jail or freeze that holds it now.
             if origin.startswith(f"/{self.prefix}/"):
-                msg = f"process {pid} is held in {origin} already; undo that first"
+                msg = f"process {held} is held in {origin} already; undo that first"
                 raise ActionError(msg)
         target = self.path(name)
         target.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ the kernel (nft set timeouts), isolation and jails by a timer of the agent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import ipaddress
 import logging
@@ -199,7 +200,7 @@ class Responder:
         a = parse("jail", args, JailArgs)
         await self._ensure_table()
         name, origins = await asyncio.to_thread(self._capture, "jail", a)
-        ports = sorted({s["local"][1] for p in origins for s in procs.sockets(int(p))})
+        ports = await asyncio.to_thread(_local_ports, [int(p) for p in origins])
         try:
             await self._nft(self._jail_script("add", name, ports))
             if a.freeze:
@@ -223,7 +224,7 @@ class Responder:
             raise ActionError(f"pid {a.pid} is not jailed by IMMUNE", "release")
         self._cancel(name)
         ports = self._load_ports(name)
-        await self._nft(self._jail_script("delete", name, ports))
+        await self._unjail(name, ports)
         await asyncio.to_thread(self.cgroups.set_frozen, name, False)
         moved = await asyncio.to_thread(self.cgroups.release, name)
         self._save_ports(name, None)
@@ -236,6 +237,30 @@ class Responder:
         if ports:
             script += nft.elements(op, "jail_ports", [str(p) for p in ports], None)
         return script
+
+    async def _unjail(self, name: str, ports: list[int]) -> None:
+        # A port another jail holds too stays in the set for that one.
+        others = {
+            port
+            for other in self.cgroups.records()
+            if other.startswith("jail-") and other != name
+            for port in self._load_ports(other)
+        }
+        mine = [p for p in ports if p not in others]
+        try:
+            await self._nft(self._jail_script("delete", name, mine))
+        except ActionError as exc:
+            # The script is all or nothing: one element already gone (the
+            # table was flushed by hand) must not keep the rest jailed.
+            logger.warning("Deleting jail %s elements one by one: %s.", name, exc)
+            path = nft.quoted(self.cgroups.nft_path(name))
+            lines = [nft.elements("delete", "jail_cgroups", [path], None)]
+            lines += [
+                nft.elements("delete", "jail_ports", [str(p)], None) for p in mine
+            ]
+            for line in lines:
+                with contextlib.suppress(ActionError):
+                    await self._nft(line)
 
     def _ports_file(self, name: str) -> Path:
         return self.settings.state_dir / f"{name}.ports"
@@ -383,6 +408,11 @@ class Responder:
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
+
+
+def _local_ports(pids: list[int]) -> list[int]:
+    """The local ports of the TCP and UDP sockets ``pids`` hold open."""
+    return sorted({s["local"][1] for pid in pids for s in procs.sockets(pid)})
 
 
 def _log_undo(task: asyncio.Task[dict[str, Any]]) -> None:
