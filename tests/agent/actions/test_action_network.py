@@ -385,3 +385,18 @@ async def test_release_after_the_sets_were_flushed(
     assert result["released"] == [pid]
     assert f"jail-{pid}" not in ruleset(net)
     assert jailed.can("new", 2)
+
+
+async def test_jail_refuses_a_process_of_another_namespace(
+    net: Net, responder: Responder
+) -> None:
+    # A sleep in the machine's own namespace: rules in net.host would not hold it.
+    proc = subprocess.Popen(["sleep", "300"])
+    try:
+        with pytest.raises(ActionError, match="another network namespace"):
+            await ACTIONS["jail"]({"pid": proc.pid})
+        with open(f"/proc/{proc.pid}/cgroup") as f:
+            assert responder.settings.cgroup_prefix not in f.read()
+    finally:
+        proc.kill()
+        proc.wait()

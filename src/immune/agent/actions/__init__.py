@@ -29,6 +29,7 @@ from typing import Any
 
 from immune.agent.actions.base import ActionError, Settings
 from immune.agent.actions.responder import PolicyHandler, Responder
+from immune.safe import printable
 
 __all__ = [
     "ACTIONS",
@@ -88,7 +89,7 @@ def _bound(name: str) -> Action:
             result = await method(args)
         except ActionError as exc:
             responder.metrics.inc("agent.actions_failed")
-            logger.warning("Action %s refused or failed: %s.", name, exc)
+            logger.warning("Action %s refused or failed: %s.", name, printable(exc))
             raise
         responder.metrics.inc("agent.actions_done")
         return result

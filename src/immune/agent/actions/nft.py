@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from immune.agent.actions.base import ActionError, check_name
+from immune.safe import printable
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class Nft:
 
     def script(self, text: str) -> None:
         """Apply ``text`` atomically (``nft -f -``)."""
-        logger.debug("Applying nft script: %s", text)
+        logger.debug("Applying nft script: %s.", printable(text, 4096))
         self.run(["-f", "-"], text)
 
     def has_table(self) -> bool:

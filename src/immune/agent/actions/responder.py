@@ -31,6 +31,7 @@ from immune.agent.actions.cgroups import Cgroups
 from immune.agent.actions.vault import Vault
 from immune.events import now_ns
 from immune.metrics import Metrics
+from immune.safe import printable
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,8 @@ class Responder:
         if a.tree:
             procs.check_tree(a.pid)
             pids += [p for p in procs.descendants(a.pid) if p != os.getpid()]
+        if kind == "jail":
+            self._check_netns(pids)
         name = f"{kind}-{a.pid}"
         return name, self.cgroups.capture(name, pids)
 
@@ -194,6 +197,25 @@ class Responder:
         moved = self.cgroups.release(name)
         logger.info("Thawed %s.", list(moved))
         return {"pid": pid, "thawed": list(map(int, moved)), "moved_to": moved}
+
+    def _check_netns(self, pids: list[int]) -> None:
+        # The jail's rules hold in the namespace nft runs in; a process of
+        # another one (a container's) would not be cut off at all.
+        # TODO(#4): jail those too, with rules in their own namespace.
+        netns = self.settings.netns
+        ours = os.stat(f"/run/netns/{netns}" if netns else "/proc/self/ns/net")
+        for pid in pids:
+            try:
+                theirs = os.stat(f"/proc/{pid}/ns/net")
+            except FileNotFoundError:
+                continue
+            if theirs.st_ino != ours.st_ino:
+                msg = (
+                    f"process {pid} is in another network namespace "
+                    f"(net:[{theirs.st_ino}], the agent acts in net:[{ours.st_ino}]);"
+                    " freeze it instead"
+                )
+                raise ActionError(msg, "jail")
 
     async def jail(self, args: dict[str, Any]) -> dict[str, Any]:
         """Cut a process off the network in its own cgroup (:class:`JailArgs`)."""
@@ -252,7 +274,9 @@ class Responder:
         except ActionError as exc:
             # The script is all or nothing: one element already gone (the
             # table was flushed by hand) must not keep the rest jailed.
-            logger.warning("Deleting jail %s elements one by one: %s.", name, exc)
+            logger.warning(
+                "Deleting jail %s elements one by one: %s.", name, printable(exc)
+            )
             path = nft.quoted(self.cgroups.nft_path(name))
             lines = [nft.elements("delete", "jail_cgroups", [path], None)]
             lines += [
@@ -417,7 +441,9 @@ def _local_ports(pids: list[int]) -> list[int]:
 
 def _log_undo(task: asyncio.Task[dict[str, Any]]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        logger.error("Timed undo %s failed: %s.", task.get_name(), task.exception())
+        logger.error(
+            "Timed undo %s failed: %s.", task.get_name(), printable(task.exception())
+        )
 
 
 async def _wait_gone(pids: list[int], timeout: float) -> list[int]:

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from immune.agent.actions.base import ActionError
 from immune.events import new_id, now_ns
+from immune.safe import printable
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class Vault:
             self._discard(record["id"])
             raise
         os.unlink(path)
-        logger.info("Quarantined %s as %s.", path, record["id"])
+        logger.info("Quarantined %s as %s.", printable(path), record["id"])
         return record
 
     def _seal(self, src: IO[bytes], path: str, st: os.stat_result) -> dict[str, Any]:
@@ -212,7 +213,7 @@ class Vault:
             if tmp.exists():
                 tmp.unlink()
         self._discard(item)
-        logger.info("Restored %s from %s.", path, item)
+        logger.info("Restored %s from %s.", printable(path), item)
         return record
 
     def _write(self, item: str, tmp: Path, record: dict[str, Any]) -> None:
