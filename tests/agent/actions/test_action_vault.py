@@ -127,3 +127,56 @@ async def test_quarantine_refuses_what_is_not_a_file(
 async def test_restore_of_an_unknown_item(responder: Responder) -> None:
     with pytest.raises(ActionError, match="no vault item"):
         await ACTIONS["restore"]({"id": "0" * 8 + "-0000-0000-0000-" + "0" * 12})
+
+
+async def test_restore_into_a_missing_directory(
+    responder: Responder, tmp_path: Path
+) -> None:
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    victim = folder / "f"
+    _write(victim, b"content")
+    record = await ACTIONS["quarantine"]({"path": str(victim)})
+    folder.rmdir()
+    with pytest.raises(ActionError, match="the vault keeps"):
+        await ACTIONS["restore"]({"id": record["id"]})
+    folder.mkdir()
+    await ACTIONS["restore"]({"id": record["id"]})
+    assert victim.read_bytes() == b"content"
+
+
+async def test_quarantine_counts_other_hard_links(
+    responder: Responder, tmp_path: Path
+) -> None:
+    victim = tmp_path / "f"
+    _write(victim, b"linked")
+    os.link(victim, tmp_path / "other-name")
+    record = await ACTIONS["quarantine"]({"path": str(victim)})
+    assert record["links"] == 2
+    assert not victim.exists()
+
+
+async def test_restore_of_an_item_without_content(
+    responder: Responder, tmp_path: Path
+) -> None:
+    victim = tmp_path / "f"
+    _write(victim, b"x")
+    record = await ACTIONS["quarantine"]({"path": str(victim)})
+    (responder.vault.directory / f"{record['id']}.bin").unlink()
+    with pytest.raises(ActionError, match="lost its content"):
+        await ACTIONS["restore"]({"id": record["id"]})
+    assert not victim.exists()
+
+
+def test_a_file_swapped_while_sealed_is_kept(tmp_path: Path) -> None:
+    from immune.agent.actions.vault import _remove_same
+
+    victim = tmp_path / "f"
+    victim.write_bytes(b"sealed")
+    sealed = victim.stat()
+    swapped = tmp_path / "swap"
+    swapped.write_bytes(b"innocent")
+    os.replace(swapped, victim)
+    with pytest.raises(ActionError, match="replaced"):
+        _remove_same(str(victim), sealed)
+    assert victim.read_bytes() == b"innocent"

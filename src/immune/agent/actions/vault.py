@@ -100,10 +100,10 @@ class Vault:
             record = self._seal(src, path, st)
         try:
             self._check(record)
+            _remove_same(path, st)
         except ActionError:
             self._discard(record["id"])
             raise
-        os.unlink(path)
         logger.info("Quarantined %s as %s.", printable(path), record["id"])
         return record
 
@@ -125,6 +125,8 @@ class Vault:
             "uid": st.st_uid,
             "gid": st.st_gid,
             "mtime_ns": st.st_mtime_ns,
+            # Other hard links still reach the content; the hive should know.
+            "links": st.st_nlink,
             "quarantined_ns": now_ns(),
         }
         (self.directory / f"{item}.json").write_text(json.dumps(record))
@@ -160,7 +162,11 @@ class Vault:
 
     def _open(self, item: str) -> Iterator[bytes]:
         aead = AESGCM(self._key())
-        with open(self.directory / f"{item}.bin", "rb") as f:
+        try:
+            f = open(self.directory / f"{item}.bin", "rb")
+        except FileNotFoundError:
+            raise ActionError(f"vault item {item} has lost its content") from None
+        with f:
             head = f.read(len(MAGIC) + 8)
             if head[: len(MAGIC)] != MAGIC:
                 raise ActionError(f"vault item {item} is not a sealed file")
@@ -209,6 +215,9 @@ class Vault:
         try:
             self._write(item, tmp, record)
             os.replace(tmp, path)
+        except OSError as exc:
+            msg = f"cannot restore {path}: {exc.strerror}; the vault keeps {item}"
+            raise ActionError(msg) from exc
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -231,6 +240,22 @@ class Vault:
         os.chown(tmp, record["uid"], record["gid"])
         os.chmod(tmp, record["mode"])
         os.utime(tmp, ns=(record["mtime_ns"], record["mtime_ns"]))
+
+
+def _remove_same(path: str, opened: os.stat_result) -> None:
+    """Unlink ``path`` if it is still the file that was sealed.
+
+    Raises:
+        ActionError: something else is there now (it was swapped while it was
+            read), or the unlink was refused (an immutable file, say).
+    """
+    try:
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+            raise ActionError(f"{path} was replaced while it was sealed; kept")
+        os.unlink(path)
+    except OSError as exc:
+        raise ActionError(f"cannot remove {path}: {exc.strerror}") from exc
 
 
 def _chunks(src: IO[bytes]) -> Iterator[tuple[int, bytes, bool]]:
