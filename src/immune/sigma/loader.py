@@ -140,7 +140,7 @@ def rule_files(paths: Iterable[str | Path]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            msg = f"Sigma rule path {str(path)!r} does not exist: fix rule_dirs"
+            msg = f"Sigma rule path {str(path)!r} does not exist"
             raise SigmaLoadError(msg)
     return files
 
