@@ -54,6 +54,7 @@ _PROCESS = {
     "ParentCommandLine": "parent.cmdline",
     "CurrentDirectory": "cwd",
     "User": "user",
+    "Computer": "host",
 }
 _FILE = {"TargetFilename": "path"}
 _NETWORK = {
@@ -75,6 +76,7 @@ _AUDITD = {
     "uid": "uid",
     "euid": "euid",
     "argc": "argc",
+    "node": "host",
 } | {f"a{n}": f"argv.{n}" for n in range(64)}
 
 #: Log source (category or service) to Sigma field to IMMUNE field.
@@ -285,6 +287,8 @@ def _argc(event: Event, parent: Process | None) -> Value:
 
 _ALL = HOST_KINDS
 FIELDS: dict[str, FieldSpec] = {
+    "host": FieldSpec(_attr("host"), _ALL, "the host's name"),
+    "agent_id": FieldSpec(_attr("agent_id"), _ALL, "the agent's id"),
     "exe": FieldSpec(_attr("exe"), _ALL, "the executable's absolute path"),
     "cmdline": FieldSpec(_cmdline, _ALL, "`argv` joined with spaces"),
     "comm": FieldSpec(_attr("comm"), _ALL, "the process name"),

@@ -194,8 +194,10 @@ def _parse_file(path: Path, result: RuleSet) -> SigmaCollection | None:
         reason = f"cannot be read as Sigma rules: {_message(exc)}"
         result.refused.append(Refusal(str(path), None, None, reason))
         return None
+    of_rules = {id(error) for rule in collection.rules for error in rule.errors}
     for error in collection.errors:
-        result.refused.append(Refusal(str(path), None, None, _message(error)))
+        if id(error) not in of_rules:
+            result.refused.append(Refusal(str(path), None, None, _message(error)))
     good = []
     for rule in collection.rules:
         if rule.errors:
@@ -324,9 +326,10 @@ def _refusal(
 
 def _message(exc: BaseException) -> str:
     # pySigma appends " in <file>" to its messages; the refusal names the file.
-    if isinstance(exc, SigmaError) and exc.args:
-        return str(exc.args[0])
-    return str(exc) or type(exc).__name__
+    text = str(exc.args[0]) if isinstance(exc, SigmaError) and exc.args else str(exc)
+    # RE2 reports in bytes: b'invalid perl operator: (?='.
+    text = re.sub(r"\bb'(.*?)'$", r"\1", text)
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def _check_unique(result: RuleSet) -> None:
