@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from sigma.correlations import (
     SigmaCorrelationConditionOperator,
@@ -37,9 +36,6 @@ from immune.events import Event, Severity
 from immune.sigma.compiler import UnsupportedError
 from immune.sigma.fields import SIGMA_FIELDS, Subject, Value
 from immune.sigma.loader import LEVEL_SEVERITY, DetectionRule, rule_id, techniques
-
-if TYPE_CHECKING:
-    from sigma.collection import SigmaCollection
 
 _TYPES = {
     SigmaCorrelationType.EVENT_COUNT: "event_count",
@@ -92,14 +88,11 @@ class CorrelationHit:
 
 
 def compile_correlation(
-    rule: SigmaCorrelationRule,
-    collection: SigmaCollection,
-    compiled: dict[int, DetectionRule],
+    rule: SigmaCorrelationRule, compiled: dict[int, DetectionRule]
 ) -> CorrelationRule:
-    """Compile a correlation rule over already compiled detection rules.
+    """Compile a correlation rule, its references resolved, over detection rules.
 
     Args:
-        collection: every rule loaded, for resolving references.
         compiled: compiled detection rules by ``id()`` of their pySigma rule.
 
     Raises:
@@ -115,11 +108,6 @@ def compile_correlation(
         name = rule.condition.op.name.lower()
         msg = f"condition {name}: only gt and gte can be decided as events arrive"
         raise UnsupportedError(msg)
-    try:
-        rule.resolve_rule_references(collection)
-    except Exception as exc:  # pySigma raises several kinds; say which reference
-        raise UnsupportedError(f"cannot resolve its rules: {exc}") from None
-
     members = [_member(ref.rule, compiled) for ref in rule.referenced_rules]
     count = rule.condition.count
     needed = int(count) + 1 if op == "gt" else int(-(-count // 1))

@@ -163,6 +163,15 @@ def load_rules(paths: Iterable[str | Path]) -> RuleSet:
             collections.append(collection)
     merged = SigmaCollection.merge(collections, resolve_references=False)
 
+    # References first: they tell the rules that only feed a correlation.
+    unresolved: dict[int, str] = {}
+    for rule in merged.rules:
+        if isinstance(rule, SigmaCorrelationRule):
+            try:
+                rule.resolve_rule_references(merged)
+            except SigmaError as exc:
+                unresolved[id(rule)] = f"cannot resolve its rules: {_message(exc)}"
+
     compiled: dict[int, DetectionRule] = {}
     mapper = pipeline()
     for rule in merged.rules:
@@ -172,8 +181,11 @@ def load_rules(paths: Iterable[str | Path]) -> RuleSet:
                 compiled[id(rule)] = loaded
     for rule in merged.rules:
         if isinstance(rule, SigmaCorrelationRule):
+            if id(rule) in unresolved:
+                result.refused.append(_refusal(rule, unresolved[id(rule)]))
+                continue
             try:
-                result.correlations.append(compile_correlation(rule, merged, compiled))
+                result.correlations.append(compile_correlation(rule, compiled))
             except UnsupportedError as exc:
                 result.refused.append(_refusal(rule, str(exc)))
     result.rules = list(compiled.values())
