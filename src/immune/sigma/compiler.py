@@ -136,24 +136,85 @@ def _all(nodes: list[Node]) -> Node:
         return True
     if len(preds) == 1:
         return preds[0]
-    if len(preds) == 2:
-        first, second = preds
-        return lambda s: first(s) and second(s)
-    return lambda s: all(pred(s) for pred in preds)
+    return AllOf(preds)
 
 
 def _any(nodes: list[Node]) -> Node:
     if any(node is True for node in nodes):
         return True
-    preds = [node for node in nodes if not isinstance(node, bool)]
+    preds = _merge_leaves([node for node in nodes if not isinstance(node, bool)])
     if not preds:
         return False
     if len(preds) == 1:
         return preds[0]
-    if len(preds) == 2:
-        first, second = preds
-        return lambda s: first(s) or second(s)
-    return lambda s: any(pred(s) for pred in preds)
+    return AnyOf(preds)
+
+
+class AllOf:
+    """Predicates that must all hold (kept apart for :func:`required_leaf`)."""
+
+    __slots__ = ("preds",)
+
+    def __init__(self, preds: list[Predicate]) -> None:
+        self.preds = preds
+
+    def __call__(self, s: Subject) -> bool:
+        for pred in self.preds:
+            if not pred(s):
+                return False
+        return True
+
+
+class AnyOf:
+    """Predicates of which one must hold (kept apart for :func:`required_leaf`)."""
+
+    __slots__ = ("preds",)
+
+    def __init__(self, preds: list[Predicate]) -> None:
+        self.preds = preds
+
+    def __call__(self, s: Subject) -> bool:
+        for pred in self.preds:
+            if pred(s):
+                return True
+        return False
+
+
+def required_leaf(node: Node) -> TextLeaf | None:
+    """A plain text test the node cannot hold without, for pre-filtering.
+
+    Plain means made of exact, prefix, suffix and substring tests only, so
+    that it can join an RE2 set. The executable's is preferred: it is short
+    and rules name it most.
+    """
+    if isinstance(node, TextLeaf):
+        return node if not node.others else None
+    if isinstance(node, AllOf):
+        found = [leaf for pred in node.preds if (leaf := required_leaf(pred))]
+        for leaf in found:
+            if leaf.name == "exe":
+                return leaf
+        return found[0] if found else None
+    if isinstance(node, AnyOf):
+        # Each alternative needs a test of the same field: one of them must hold.
+        leaves = [required_leaf(pred) for pred in node.preds]
+        plain = [leaf for leaf in leaves if leaf is not None]
+        keys = {(leaf.name, leaf.lowered) for leaf in plain}
+        if len(plain) == len(leaves) and len(keys) == 1:
+            return TextLeaf.merge(plain)
+    return None
+
+
+def _merge_leaves(preds: list[Predicate]) -> list[Predicate]:
+    """Alternatives testing the same field become one leaf: one read, C-speed tests."""
+    groups: dict[tuple[str, bool], list[TextLeaf]] = {}
+    others: list[Predicate] = []
+    for pred in preds:
+        if isinstance(pred, TextLeaf):
+            groups.setdefault((pred.name, pred.lowered), []).append(pred)
+        else:
+            others.append(pred)
+    return [*(TextLeaf.merge(group) for group in groups.values()), *others]
 
 
 def _not(node: Node) -> Node:
@@ -221,7 +282,8 @@ def _string(name: str, value: SigmaString, ctx: _Context, *, keyword: bool) -> N
         if parts[-1:] != [SpecialChars.WILDCARD_MULTI]:
             parts.append(SpecialChars.WILDCARD_MULTI)
     cased = isinstance(value, SigmaCasedString)
-    test = text_test(parts, cased=cased)
+    shape = text_shape(parts, cased=cased)
+    test = shape.test()
     spec = FIELDS[name]
     if spec.constant is not None and spec.domain is not None:
         # Known for each kind in advance: decide now.
@@ -234,18 +296,58 @@ def _string(name: str, value: SigmaString, ctx: _Context, *, keyword: bool) -> N
                 f"(they give {', '.join(spec.domain)})"
             )
         return fits(spec.constant.get(ctx.kind, ()))
-    if cased:
-        return _on_text(name, test, lowered=False)
-    return _on_text(name, test, lowered=True)
+    return shape.leaf(name, lowered=not cased)
 
 
 StringPart = str | SpecialChars | Placeholder
 
 
-def text_test(parts: list[StringPart], *, cased: bool) -> TextTest:
-    """A test of a text against a Sigma string (its parts, wildcards included).
+@dataclass(frozen=True)
+class Shape:
+    """What a Sigma string asks of a text.
 
-    Without ``cased``, the text given to the test must already be lower case.
+    Args:
+        op: ``eq``, ``contains``, ``startswith``, ``endswith``, ``any`` (a
+            lone ``*``) or ``glob`` (other wildcards, as an RE2 pattern).
+        literal: the text compared, or the RE2 pattern for ``glob``.
+    """
+
+    op: str
+    literal: str
+
+    def test(self) -> TextTest:
+        """The test as a function of the text (lower-cased unless cased)."""
+        literal = self.literal
+        if self.op == "eq":
+            return lambda v: v == literal
+        if self.op == "contains":
+            return lambda v: literal in v
+        if self.op == "startswith":
+            return lambda v: v.startswith(literal)
+        if self.op == "endswith":
+            return lambda v: v.endswith(literal)
+        if self.op == "any":
+            return lambda v: True
+        compiled = re2.compile("(?s)" + literal, options=_options())
+        return lambda v: compiled.fullmatch(v) is not None
+
+    def leaf(self, name: str, *, lowered: bool) -> TextLeaf:
+        """A predicate applying the test to a field."""
+        if self.op == "eq":
+            return TextLeaf(name, lowered, eq=frozenset([self.literal]))
+        if self.op == "startswith":
+            return TextLeaf(name, lowered, startswith=(self.literal,))
+        if self.op == "endswith":
+            return TextLeaf(name, lowered, endswith=(self.literal,))
+        if self.op == "contains":
+            return TextLeaf(name, lowered, contains=(self.literal,))
+        return TextLeaf(name, lowered, others=(self.test(),))
+
+
+def text_shape(parts: list[StringPart], *, cased: bool) -> Shape:
+    """What a Sigma string (its parts, wildcards included) asks of a text.
+
+    Without ``cased``, literals are lower-cased, for texts that are too.
 
     Raises:
         UnsupportedError: the string holds a placeholder (``%name%``, from
@@ -258,23 +360,104 @@ def text_test(parts: list[StringPart], *, cased: bool) -> TextTest:
     texts = [p if cased or not isinstance(p, str) else p.lower() for p in parts]
     star = SpecialChars.WILDCARD_MULTI
     if all(isinstance(p, str) for p in texts):
-        literal = "".join(str(p) for p in texts)
-        return lambda v: v == literal
+        return Shape("eq", "".join(str(p) for p in texts))
     if texts == [star]:
-        return lambda v: True
-    if len(texts) == 3 and texts[0] is star and texts[2] is star:
-        middle = texts[1]
-        if isinstance(middle, str):
-            return lambda v: middle in v
+        return Shape("any", "")
+    middle = texts[1] if len(texts) == 3 else None
+    if texts[0] is star and texts[-1] is star and isinstance(middle, str):
+        return Shape("contains", middle)
     if len(texts) == 2 and isinstance(texts[0], str) and texts[1] is star:
-        prefix = texts[0]
-        return lambda v: v.startswith(prefix)
+        return Shape("startswith", texts[0])
     if len(texts) == 2 and texts[0] is star and isinstance(texts[1], str):
-        suffix = texts[1]
-        return lambda v: v.endswith(suffix)
-    pattern = "".join(_glob_part(p) for p in texts)
-    compiled = re2.compile("(?s)" + pattern, options=_options())
-    return lambda v: compiled.fullmatch(v) is not None
+        return Shape("endswith", texts[1])
+    return Shape("glob", "".join(_glob_part(p) for p in texts))
+
+
+def text_test(parts: list[StringPart], *, cased: bool) -> TextTest:
+    """A test of a text against a Sigma string; see :func:`text_shape`."""
+    return text_shape(parts, cased=cased).test()
+
+
+class TextLeaf:
+    """Tests of one field's text, any of which may hold.
+
+    Alternatives on one field (a list of values, ``1 of`` selections over
+    the same field) are merged into one leaf: the field is read once, exact
+    values are a set lookup, prefixes and suffixes one ``startswith`` or
+    ``endswith`` call on a tuple.
+
+    Args:
+        name: the IMMUNE field.
+        lowered: whether the field is lower-cased first.
+    """
+
+    __slots__ = ("name", "lowered", "eq", "starts", "ends", "contains", "others")
+
+    def __init__(
+        self,
+        name: str,
+        lowered: bool,
+        *,
+        eq: frozenset[str] = frozenset(),
+        startswith: tuple[str, ...] = (),
+        endswith: tuple[str, ...] = (),
+        contains: tuple[str, ...] = (),
+        others: tuple[TextTest, ...] = (),
+    ) -> None:
+        self.name = name
+        self.lowered = lowered
+        self.eq = eq
+        self.starts = startswith
+        self.ends = endswith
+        self.contains = contains
+        self.others = others
+
+    @classmethod
+    def merge(cls, leaves: list[TextLeaf]) -> TextLeaf:
+        """One leaf true when any of the given ones (same field and case) is."""
+        if len(leaves) == 1:
+            return leaves[0]
+        first = leaves[0]
+        return cls(
+            first.name,
+            first.lowered,
+            eq=frozenset().union(*(leaf.eq for leaf in leaves)),
+            startswith=tuple(p for leaf in leaves for p in leaf.starts),
+            endswith=tuple(p for leaf in leaves for p in leaf.ends),
+            contains=tuple(p for leaf in leaves for p in leaf.contains),
+            others=tuple(t for leaf in leaves for t in leaf.others),
+        )
+
+    def pattern(self) -> str:
+        """The tests as one RE2 pattern (for a leaf without ``others``)."""
+        parts = [f"^{re2.escape(t)}$" for t in sorted(self.eq)]
+        parts += [f"^{re2.escape(t)}" for t in self.starts]
+        parts += [f"{re2.escape(t)}$" for t in self.ends]
+        parts += [str(re2.escape(t)) for t in self.contains]
+        return "(?s)" + "|".join(f"(?:{part})" for part in parts)
+
+    def test(self, text: str) -> bool:
+        """Whether the text passes any of the tests."""
+        if text in self.eq:
+            return True
+        if self.ends and text.endswith(self.ends):
+            return True
+        if self.starts and text.startswith(self.starts):
+            return True
+        for part in self.contains:
+            if part in text:
+                return True
+        return any(test(text) for test in self.others)
+
+    def __call__(self, s: Subject) -> bool:
+        value = s.lowered(self.name) if self.lowered else s.value(self.name)
+        if value is None:
+            return False
+        if isinstance(value, str):
+            return self.test(value)
+        if isinstance(value, tuple):
+            return any(self.test(v) for v in value)
+        return self.test(as_text(value))
 
 
 def _glob_part(part: StringPart) -> str:
@@ -292,20 +475,10 @@ def _options() -> re2.Options:
 
 
 def _on_text(name: str, test: TextTest, *, lowered: bool) -> Predicate:
-    def leaf(s: Subject) -> bool:
-        value = s.lowered(name) if lowered else s.value(name)
-        if value is None:
-            return False
-        if isinstance(value, str):
-            return test(value)
-        if isinstance(value, tuple):
-            return any(test(v) for v in value)
-        return test(_as_text(value))
-
-    return leaf
+    return TextLeaf(name, lowered, others=(test,))
 
 
-def _as_text(value: Value) -> str:
+def as_text(value: Value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
@@ -424,7 +597,7 @@ def _fieldref(name: str, value: SigmaFieldReference, ctx: _Context) -> Predicate
         mine, theirs = s.lowered(name), s.lowered(other)
         if mine is None or theirs is None:
             return False
-        a, b = _as_text(mine), _as_text(theirs)
+        a, b = as_text(mine), as_text(theirs)
         if starts and ends:
             return b in a
         if starts:
