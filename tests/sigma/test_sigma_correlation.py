@@ -136,3 +136,46 @@ def test_sigma_correlation_state_stays_bounded(
 def test_sigma_correlator_refuses_bad_bounds() -> None:
     with pytest.raises(ValueError, match="max_groups"):
         SigmaEngine(RULESET, max_groups=0)
+
+
+def reference_fires(
+    steps: list[tuple[int, int, int]], needed: int, span: int, distinct: bool
+) -> list[int]:
+    """Indexes of the events at which a count (or distinct count) fires.
+
+    The reference keeps every event of each host and recounts from scratch:
+    events since the host's last firing and no older than ``span``.
+    """
+    fires, since_fire = [], {}
+    for index, (host, at, addr) in enumerate(steps):
+        kept = [(t, a) for t, a in since_fire.get(host, []) if t >= at - span]
+        kept.append((at, addr))
+        count = len({a for _t, a in kept}) if distinct else len(kept)
+        if count >= needed:
+            fires.append(index)
+            kept = []
+        since_fire[host] = kept
+    return fires
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 400), st.integers(0, 4)),
+        max_size=60,
+    ).map(lambda steps: sorted(steps, key=lambda s: s[1]))
+)
+def test_sigma_count_windows_agree_with_a_recounting_reference(
+    steps: list[tuple[int, int, int]],
+) -> None:
+    engine = SigmaEngine(RULESET)
+    counts, values = [], []
+    for index, (host, at, addr) in enumerate(steps):
+        event = connect(at, agent=f"h{host}", addr=f"198.51.100.{addr}")
+        titles = [h.rule.title for h in engine.evaluate(event).correlations]
+        if COUNT in titles:
+            counts.append(index)
+        if VALUES in titles:
+            values.append(index)
+    assert counts == reference_fires(steps, 5, 60, distinct=False)
+    assert values == reference_fires(steps, 3, 300, distinct=True)
