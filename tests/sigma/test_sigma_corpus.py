@@ -70,6 +70,7 @@ BASH_CONNECT = "83dcd9f6-9ca8-4af7-a16e-a1c7a6b51871"
 CALLBACK = "dbfc7c98-04ab-4ab7-aa94-c74d22aa7376"
 SUDOERS = "ddb26b76-4447-4807-871f-1b035b2bfa5d"
 PADDING = "c52a914f-3d8b-4b2a-bb75-b3991e75f8ba"
+SHUTDOWN = "4cb57c2f-1f29-41f8-893d-8bed8e1c1d2f"
 
 PY_SHELL = (
     "import socket,subprocess,os,pty;s=socket.socket();"
@@ -175,6 +176,8 @@ CASES: list[tuple[str, list[Event], bool]] = [
     (PADDING, [ev(exe="/usr/bin/dd", argv="dd if=/dev/zero bs=1 count=9")], True),
     (PADDING, [ev(exe="/usr/bin/dd", argv="dd if=/dev/zero of=/tmp/x")], False),
     (PADDING, [ev("open", path="/tmp/truncate-s")], False),  # no EXECVE record
+    (SHUTDOWN, [ev(exe="/usr/sbin/telinit", argv="telinit 6")], True),  # a number
+    (SHUTDOWN, [ev(exe="/usr/sbin/telinit", argv="telinit q")], False),
 ]
 
 

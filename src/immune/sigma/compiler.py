@@ -241,6 +241,9 @@ def compile_value(
         return _any(
             [compile_value(name, v, ctx, keyword=keyword) for v in value.values]
         )
+    if keyword and isinstance(value, SigmaNumber | SigmaBool):
+        # A full-text search finds a number or a boolean as text.
+        value = SigmaString(str(value).lower())
     if isinstance(value, SigmaString):
         node = _string(name, value, ctx, keyword=keyword)
     else:

@@ -26,11 +26,10 @@ from sigma.processing.pipeline import ProcessingPipeline
 from sigma.rule import SigmaRule
 
 from immune.errors import ImmuneError
-from immune.events import Severity
+from immune.events import HOST_KINDS, Severity
 from immune.sigma.compiler import Node, Predicate, UnsupportedError, compile_rule
 from immune.sigma.fields import (
     CATEGORY_KINDS,
-    FIELDS,
     SERVICES,
     Subject,
     pipeline,
@@ -275,7 +274,7 @@ def _source_of(rule: SigmaRule) -> tuple[str | None, tuple[str, ...], str]:
     if category in CATEGORY_KINDS and service is None:
         return category, CATEGORY_KINDS[category], ""
     if service in SERVICES and category is None:
-        return service, tuple(k for k in FIELDS["exe"].kinds), ""
+        return service, HOST_KINDS, ""
     known = ", ".join([*CATEGORY_KINDS, *(f"service {s}" for s in SERVICES)])
     parts = [f"{k}={v}" for k, v in (("category", category), ("service", service)) if v]
     described = ", ".join(parts) or "no category or service (system logs)"
