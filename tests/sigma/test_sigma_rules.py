@@ -194,3 +194,11 @@ def test_sigma_rule_matching_every_event_is_refused(tmp_path: Path) -> None:
     )
     (found,) = load_rules([tmp_path]).refused
     assert found.reason.startswith("would match every exec")
+
+
+def test_sigma_text_that_is_not_utf8_is_still_matched() -> None:
+    # Lone surrogates cannot go to RE2 as they are; they are escaped first.
+    event = ev(exe="/tmp/\udcff", argv=["sh", "-c", "echo \udcff; chmod +s x"])
+    assert fired(event) == [[TMP]]
+    encoded = ev(argv=["sh", "-c", "echo aGVsbG8gd29ybGQgaGVsbG8K | base64 -d \udcff"])
+    assert fired(encoded) == [[ENCODED]]

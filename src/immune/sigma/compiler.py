@@ -332,7 +332,7 @@ class Shape:
         if self.op == "any":
             return lambda v: True
         compiled = re2.compile("(?s)" + literal, options=_options())
-        return lambda v: compiled.fullmatch(v) is not None
+        return lambda v: compiled.fullmatch(utf8(v)) is not None
 
     def leaf(self, name: str, *, lowered: bool) -> TextLeaf:
         """A predicate applying the test to a field."""
@@ -481,6 +481,17 @@ def _on_text(name: str, test: TextTest, *, lowered: bool) -> Predicate:
     return TextLeaf(name, lowered, others=(test,))
 
 
+def utf8(text: str) -> str:
+    """The text as RE2 takes it: lone surrogates (not UTF-8) escaped, ``\\udNNN``."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def as_text(value: Value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -507,7 +518,7 @@ def _regex(name: str, value: SigmaRegularExpression) -> Predicate:
         raise UnsupportedError(f"{msg}: {reason}") from None
 
     def test(text: str) -> bool:
-        return compiled.search(text) is not None
+        return compiled.search(utf8(text)) is not None
 
     return _on_text(name, test, lowered=False)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import re2
 
 from immune.events import Event
-from immune.sigma.compiler import Predicate, as_text, required_leaf
+from immune.sigma.compiler import Predicate, as_text, required_leaf, utf8
 from immune.sigma.correlation import CorrelationHit, CorrelationRule, Correlator
 from immune.sigma.fields import ProcessTable, Subject
 from immune.sigma.loader import DetectionRule, RuleSet
@@ -63,7 +63,8 @@ class KindIndex:
                 continue
             texts = value if isinstance(value, tuple) else (as_text(value),)
             for text in texts:
-                found.extend(owners[i] for i in regex_set.Match(text) or ())
+                hits = regex_set.Match(utf8(text)) or ()
+                found.extend(owners[i] for i in hits)
         return sorted(set(found))
 
     def match(self, subject: Subject) -> list[DetectionRule]:
