@@ -3,7 +3,7 @@
 The corpus (SigmaHQ's Linux rules, under the Detection Rule License) is
 never copied into the repository. It is looked for in ``IMMUNE_SIGMA_CORPUS``,
 else in ``../shared/data/sigma-linux`` beside the repository (where CI puts
-it), else in ``/work/shared/data/sigma-linux``; its tests skip without it.
+it); its tests skip without it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ def corpus_dir() -> Path | None:
     candidates = [
         os.environ.get("IMMUNE_SIGMA_CORPUS"),
         str(REPO.parent / "shared" / "data" / "sigma-linux"),
-        "/work/shared/data/sigma-linux",
     ]
     for candidate in candidates:
         if candidate and Path(candidate, "process_creation").is_dir():
