@@ -137,9 +137,9 @@ class SigmaPlugin:
             self.hive.metrics.inc("sigma.correlations.fired")
             if hit.rule.output:
                 await self._correlation_alert(hit)
-        self.hive.metrics.set(
-            "sigma.correlations.evicted", self.engine.correlator.evicted
-        )
+        if verdict.matched and self.engine.correlator.by_member:
+            evicted = self.engine.correlator.evicted
+            self.hive.metrics.set("sigma.correlations.evicted", evicted)
 
     async def _alert(self, rule: DetectionRule, event: Event) -> None:
         assert self.hive is not None
