@@ -7,6 +7,7 @@ these tests skip when they are absent.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,20 @@ def test_sigma_corpus_benign_activity_fires_nothing_severe(ruleset: RuleSet) -> 
     ]
     matched = [r for e in benign for r in engine.evaluate(e).matched]
     assert [r.title for r in matched if r.severity in ("high", "critical")] == []
+
+
+def test_sigma_corpus_figures_in_the_docs_are_current(
+    corpus: Path, ruleset: RuleSet
+) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "sigma.md").read_text()
+    rows = re.findall(r"^\| `(\w+)`[^|]* \| (\d+) \| (\d+) \|", doc, re.MULTILINE)
+    documented = {folder: (int(a), int(b)) for folder, a, b in rows}
+    measured: dict[str, list[int]] = {}
+    for entry, index in [(r.file, 0) for r in ruleset.rules] + [
+        (r.file, 1) for r in ruleset.refused
+    ]:
+        folder = Path(entry).relative_to(corpus).parts[0]
+        measured.setdefault(folder, [0, 0])[index] += 1
+    assert documented == {k: tuple(v) for k, v in measured.items()}
+    total = f"loads {len(ruleset.rules)} and refuses {len(ruleset.refused)}"
+    assert total in " ".join(doc.split())
