@@ -99,6 +99,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         table.add_column(column, overflow="fold")
     for row in rows:
         detail = row.get("reason") or " ".join(row["kinds"])
+        if row.get("notes"):
+            detail += " (" + "; ".join(row["notes"]) + ")"
         cells = [row["status"], row["id"] or "-", row["title"] or "-", detail]
         cells.append(row["file"])
         table.add_row(*(escape(printable(cell, 300)) for cell in cells))
