@@ -353,3 +353,25 @@ def test_sigma_conditions_agree_with_python_logic(
     text = " ".join(f"<{n}>" for n, on in truth.items() if on) or "nothing"
     assume("selection" in expression or "them" in expression or "filter" in expression)
     assert match(cmd(text)) is reference(expression, truth)
+
+
+@SETTINGS
+@given(value=st.text(alphabet="abAB", min_size=1, max_size=3), text=TEXT)
+def test_sigma_neq_modifier_is_the_opposite(value: str, text: str) -> None:
+    match = matcher({"sel": {"CommandLine|neq": value}, "condition": "sel"})
+    assert match(cmd(text)) is (text.lower() != value.lower())
+    assert match(ev(exe="/x", argv=None)) is True  # no command line at all
+
+
+def test_sigma_exists_null_and_fieldref() -> None:
+    exists = matcher({"sel": {"CurrentDirectory|exists": True}, "condition": "sel"})
+    assert exists(ev(cwd="/srv")) is True
+    assert exists(ev(cwd=None)) is False
+    null = matcher({"sel": {"CurrentDirectory": None}, "condition": "sel"})
+    assert null(ev(cwd=None)) is True
+    assert null(ev(cwd="")) is True
+    assert null(ev(cwd="/srv")) is False
+    same = matcher({"sel": {"CurrentDirectory|fieldref": "Image"}, "condition": "sel"})
+    assert same(ev(cwd="/opt/x", exe="/OPT/X")) is True
+    assert same(ev(cwd="/opt", exe="/opt/x")) is False
+    assert same(ev(cwd=None, exe="/opt/x")) is False
