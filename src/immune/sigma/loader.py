@@ -161,15 +161,8 @@ def load_rules(paths: Iterable[str | Path]) -> RuleSet:
         if collection is not None:
             collections.append(collection)
     merged = SigmaCollection.merge(collections, resolve_references=False)
-
     # References first: they tell the rules that only feed a correlation.
-    unresolved: dict[int, str] = {}
-    for rule in merged.rules:
-        if isinstance(rule, SigmaCorrelationRule):
-            try:
-                rule.resolve_rule_references(merged)
-            except SigmaError as exc:
-                unresolved[id(rule)] = f"cannot resolve its rules: {_message(exc)}"
+    unresolved = _resolve_references(merged)
 
     compiled: dict[int, DetectionRule] = {}
     mapper = pipeline()
@@ -178,18 +171,32 @@ def load_rules(paths: Iterable[str | Path]) -> RuleSet:
             loaded = _load_rule(rule, mapper, result)
             if loaded is not None:
                 compiled[id(rule)] = loaded
-    for rule in merged.rules:
-        if isinstance(rule, SigmaCorrelationRule):
-            if id(rule) in unresolved:
-                result.refused.append(_refusal(rule, unresolved[id(rule)]))
-                continue
-            try:
-                result.correlations.append(compile_correlation(rule, compiled))
-            except UnsupportedError as exc:
-                result.refused.append(_refusal(rule, str(exc)))
     result.rules = list(compiled.values())
     _check_unique(result)
+
+    for rule in merged.rules:
+        if not isinstance(rule, SigmaCorrelationRule):
+            continue
+        if id(rule) in unresolved:
+            result.refused.append(_refusal(rule, unresolved[id(rule)]))
+            continue
+        try:
+            result.correlations.append(compile_correlation(rule, compiled))
+        except UnsupportedError as exc:
+            result.refused.append(_refusal(rule, str(exc)))
     return result
+
+
+def _resolve_references(merged: SigmaCollection) -> dict[int, str]:
+    """Resolve each correlation's rules; the reason for those that cannot be."""
+    unresolved: dict[int, str] = {}
+    for rule in merged.rules:
+        if isinstance(rule, SigmaCorrelationRule):
+            try:
+                rule.resolve_rule_references(merged)
+            except SigmaError as exc:
+                unresolved[id(rule)] = f"cannot resolve its rules: {_message(exc)}"
+    return unresolved
 
 
 def _parse_file(path: Path, result: RuleSet) -> SigmaCollection | None:
