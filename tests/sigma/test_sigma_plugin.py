@@ -65,6 +65,8 @@ async def test_sigma_plugin_raises_alerts_through_the_bus(tmp_path: Path) -> Non
         assert [a["rule"] for a in stored] == [alert.rule]
         assert hive.metrics.get("sigma.matches") == 1
         assert hive.metrics.get("sigma.rules.refused") == 0
+        assert hive.metrics.gauges["sigma.rules.loaded"] == 7
+        assert hive.metrics.gauges["sigma.correlations.loaded"] == 3
     finally:
         hive.store.close()
 
@@ -164,3 +166,19 @@ async def test_sigma_plugin_alerts_on_events_from_mqtt(
     finally:
         await hive.stop()
         hive.store.close()
+
+
+async def test_sigma_plugin_without_rule_dirs_subscribes_to_nothing(
+    tmp_path: Path,
+) -> None:
+    hive = Hive(
+        make_config(tmp_path, []), plugins=[("sigma", SigmaPlugin())], discover=False
+    )
+    async with hive:
+        info = hive.plugins.plugins["sigma"]
+        await hive.ingest([ev(exe="/tmp/x")])
+        await hive.bus.join()
+    hive.store.close()
+    assert info.state == "stopped" and info.topics == []
+    assert hive.metrics.gauges["sigma.rules.loaded"] == 0
+    assert hive.metrics.get("sigma.matches") == 0

@@ -90,7 +90,8 @@ class SigmaPlugin:
 
     @hookimpl
     def immune_subscriptions(self) -> list[tuple[str, Any]]:
-        return [("event.#", self.check)]
+        # Without rules there is nothing to do per event: cost the bus nothing.
+        return [("event.#", self.check)] if self.settings.rule_dirs else []
 
     @hookimpl
     async def immune_start(self, hive: Hive) -> None:
