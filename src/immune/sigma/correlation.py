@@ -33,9 +33,9 @@ from sigma.correlations import (
 from sigma.rule import SigmaRule
 
 from immune.events import Event, Severity
-from immune.sigma.compiler import UnsupportedError
 from immune.sigma.fields import SIGMA_FIELDS, Subject, Value
 from immune.sigma.loader import LEVEL_SEVERITY, DetectionRule, rule_id, techniques
+from immune.sigma.text import UnsupportedError
 
 _TYPES = {
     SigmaCorrelationType.EVENT_COUNT: "event_count",

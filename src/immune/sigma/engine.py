@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import re2
 
 from immune.events import Event
-from immune.sigma.compiler import Predicate, as_text, required_leaf, utf8
+from immune.sigma.compiler import Predicate, required_leaf
 from immune.sigma.correlation import CorrelationHit, CorrelationRule, Correlator
 from immune.sigma.fields import ProcessTable, Subject
 from immune.sigma.loader import DetectionRule, RuleSet
+from immune.sigma.text import as_text, utf8
 
 Entry = tuple[DetectionRule, Predicate]
 

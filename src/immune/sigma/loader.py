@@ -27,13 +27,14 @@ from sigma.rule import SigmaRule
 
 from immune.errors import ImmuneError
 from immune.events import HOST_KINDS, Severity
-from immune.sigma.compiler import Node, Predicate, UnsupportedError, compile_rule
+from immune.sigma.compiler import Node, Predicate, compile_rule
 from immune.sigma.fields import (
     CATEGORY_KINDS,
     SERVICES,
     Subject,
     pipeline,
 )
+from immune.sigma.text import UnsupportedError
 
 if TYPE_CHECKING:
     from immune.sigma.correlation import CorrelationRule
