@@ -194,9 +194,10 @@ def _glob_part(part: StringPart) -> str:
 
 
 def options() -> re2.Options:
-    options = re2.Options()
-    options.log_errors = False  # a refused pattern is reported, not logged by RE2
-    return options
+    """RE2 options for IMMUNE's patterns: errors are reported, not logged."""
+    found = re2.Options()
+    found.log_errors = False
+    return found
 
 
 def utf8(text: str) -> str:
