@@ -95,6 +95,17 @@ def test_cli_events_json_filters_by_kind_and_agent(tmp_path: Path) -> None:
     assert [orjson.loads(x)["kind"] for x in result.stdout.splitlines()] == ["setuid"]
 
 
+def test_cli_events_json_filters_by_exe_and_pid(tmp_path: Path) -> None:
+    events = seed(tmp_path / "immune.db")
+    result = run("events", "--json", "--exe", "/tmp/x", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [orjson.loads(x)["id"] for x in result.stdout.splitlines()] == [events[0].id]
+    result = run("events", "--json", "--pid", "11", cwd=tmp_path)
+    assert [orjson.loads(x)["id"] for x in result.stdout.splitlines()] == [events[1].id]
+    result = run("events", "--json", "--exe", "/tmp", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout == ""
+
+
 def test_cli_events_table_escapes_terminal_control_characters(tmp_path: Path) -> None:
     seed(tmp_path / "immune.db")
     result = run("events", cwd=tmp_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -113,8 +115,20 @@ events = st.builds(
     argv=st.none() | st.lists(text, max_size=5),
     port=st.none() | st.integers(0, 65535),
     extra=st.none()
-    | st.dictionaries(text, st.integers() | text | st.none(), max_size=3),
+    | st.dictionaries(
+        text, st.integers(-(2**63), 2**63 - 1) | text | st.none(), max_size=3
+    ),
 )
+
+
+def test_events_extra_integer_beyond_64_bits_is_refused_with_its_field() -> None:
+    # orjson refuses to write such a number; an agent in another language may.
+    payload = json.dumps({"events": [_event(extra={"big": 2**64})]}).encode()
+    good, bad = decode_batch(payload, max_bytes=1 << 20)
+    assert good == []
+    assert (
+        len(bad) == 1 and "<= 9223372036854775807 at $.events[0].extra" in bad[0].reason
+    )
 
 
 @given(events)

@@ -109,20 +109,21 @@ def test_up_reports_a_temp_dir_exec_and_su(tmp_path: Path, up_env, mqtt_broker) 
             subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", "true"], check=True)
 
         alerts = poll_json(
-            ["alerts"],
+            ["alerts", "--severity", "high", "--limit", "500"],
             tmp_path,
             up_env,
             lambda rows: any(r["data"].get("exe") == str(planted) for r in rows),
         )
         execs = poll_json(
-            ["events", "--kind", "exec", "--limit", "500"],
+            ["events", "--kind", "exec", "--exe", str(planted)],
             tmp_path,
             up_env,
             lambda rows: any(r.get("exe") == str(planted) for r in rows),
         )
         if shutil.which("su"):
+            su = os.path.realpath(shutil.which("su") or "su")
             setuids = poll_json(
-                ["events", "--kind", "setuid", "--limit", "500"],
+                ["events", "--kind", "setuid", "--exe", su, "--limit", "500"],
                 tmp_path,
                 up_env,
                 lambda rows: any(r.get("euid") == 65534 for r in rows),
@@ -153,13 +154,13 @@ def test_up_hive_and_agent_as_separate_processes(
             shutil.copy("/bin/true", planted)
             subprocess.run([str(planted), "--separately"], check=True)
             execs = poll_json(
-                ["events", "--kind", "exec", "--limit", "500"],
+                ["events", "--kind", "exec", "--exe", str(planted)],
                 tmp_path,
                 up_env,
                 lambda rows: any(r.get("exe") == str(planted) for r in rows),
             )
             poll_json(
-                ["alerts"],
+                ["alerts", "--severity", "high", "--limit", "500"],
                 tmp_path,
                 up_env,
                 lambda rows: any(r["data"].get("exe") == str(planted) for r in rows),

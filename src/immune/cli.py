@@ -230,6 +230,12 @@ def events(
     ] = None,
     agent: AgentOpt = None,
     since: Since = None,
+    exe: Annotated[
+        str | None, typer.Option("--exe", help="Only this executable (full path).")
+    ] = None,
+    pid: Annotated[
+        int | None, typer.Option("--pid", min=0, help="Only this process id.")
+    ] = None,
     limit: Limit = 50,
     as_json: Json = False,
 ) -> None:
@@ -237,7 +243,9 @@ def events(
     since_ns = parse_since(since)
     store = _store()
     try:
-        rows = store.events(kind=kind, agent_id=agent, since_ns=since_ns, limit=limit)
+        rows = store.events(
+            kind=kind, agent_id=agent, since_ns=since_ns, exe=exe, pid=pid, limit=limit
+        )
     finally:
         store.close()
     if not as_json:

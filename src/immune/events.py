@@ -53,8 +53,10 @@ Pid = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 TimestampNs = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
 Argv = Annotated[list[Text], msgspec.Meta(max_length=1024)]
+#: Integers JSON encoders and both databases take: 64-bit signed.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 Extra = Annotated[
-    dict[ShortText, Text | int | float | bool | None], msgspec.Meta(max_length=64)
+    dict[ShortText, Text | Int64 | float | bool | None], msgspec.Meta(max_length=64)
 ]
 
 

@@ -41,6 +41,8 @@ def events(
     agent_id: str | None = None,
     since_ns: int | None = None,
     until_ns: int | None = None,
+    exe: str | None = None,
+    pid: int | None = None,
     limit: int | None = 100,
 ) -> list[dict[str, Any]]:
     """Stored events as dicts (``immune.events.parse_event`` takes them)."""
@@ -48,6 +50,10 @@ def events(
     query = sa.select(t.c.data).order_by(t.c.ts.desc(), t.c.id.desc())
     if kind is not None:
         query = query.where(t.c.kind == kind)
+    if exe is not None:
+        query = query.where(t.c.exe == exe)
+    if pid is not None:
+        query = query.where(t.c.pid == pid)
     if agent_id is not None:
         query = query.where(t.c.agent_id == agent_id)
     if since_ns is not None:

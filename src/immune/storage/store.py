@@ -537,6 +537,8 @@ class Store:
         agent_id: str | None = None,
         since_ns: int | None = None,
         until_ns: int | None = None,
+        exe: str | None = None,
+        pid: int | None = None,
         limit: int | None = 100,
     ) -> list[dict[str, Any]]:
         """Stored events, newest first, as event dicts.
@@ -544,6 +546,8 @@ class Store:
         Args:
             since_ns: only events at or after this time (ns).
             until_ns: only events before this time (ns).
+            exe: only events of this executable (the exact path).
+            pid: only events of this process id.
             limit: at most this many; None for all.
         """
         return queries.events(
@@ -552,6 +556,8 @@ class Store:
             agent_id=agent_id,
             since_ns=since_ns,
             until_ns=until_ns,
+            exe=exe,
+            pid=pid,
             limit=limit,
         )
 
