@@ -197,6 +197,9 @@ class Hive:
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
+        # Forget finished tasks: plugins start one per playbook run or retry.
+        if task in self._tasks:
+            self._tasks.remove(task)
         if task.cancelled() or task.exception() is None:
             return
         self.metrics.inc("hive.task_errors")
