@@ -214,11 +214,15 @@ class Store:
         """Queue an alert; one stored again with the same id updates the row.
 
         The update replaces count, data, title, severity, agent_id, host,
-        event_ids, techniques and description; ts, rule and plugin stay.
+        event_ids, techniques and description; ts, rule and plugin stay. A
+        copy whose count is lower than the one held is older and ignored.
         """
-        if alert.id not in self._alerts and self.pending >= self.config.max_pending:
+        queued = self._alerts.get(alert.id)
+        if queued is None and self.pending >= self.config.max_pending:
             await self._wait_for_room()
-        self._alerts[alert.id] = alert
+        # A copy counting less is older (see immune.dedup): keep the newer.
+        if queued is None or alert.count >= queued.count:
+            self._alerts[alert.id] = alert
         self._queued()
 
     async def add_dead_letter(
