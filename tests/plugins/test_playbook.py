@@ -329,6 +329,8 @@ async def test_playbook_rate_limit(tmp_path: Path, sqlite_url: str) -> None:
         "priority: 5", "priority: 5\n    rate_limit: {runs: 2, per_s: 60}"
     )
     hive, agent = await start(tmp_path, sqlite_url, books)
+    undecided: list[Any] = []
+    hive.bus.subscribe("playbook.undecided", undecided.append)
     try:
         for pid in range(1, 6):
             high = alert(severity="high", data={"pid": pid})
@@ -337,6 +339,7 @@ async def test_playbook_rate_limit(tmp_path: Path, sqlite_url: str) -> None:
         await asyncio.sleep(0.1)
         assert [c["args"]["pid"] for c in agent.received] == [1, 2]
         assert hive.metrics.get("playbook.rate_limited.quick") == 3
+        assert undecided == []  # held back, not handed to automatic decisions
     finally:
         await stop(hive)
 

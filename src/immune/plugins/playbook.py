@@ -112,16 +112,19 @@ class PlaybookPlugin:
 
     async def on_alert(self, alert: Alert) -> None:
         """Start every playbook the alert triggers, or hand it on."""
-        started = []
+        matched, started = [], []
         for book in self.playbooks:
             if not book.enabled or not book.trigger.matches(alert):
                 continue
+            matched.append(book.id)
             if self._allowed(book):
                 started.append(book.id)
                 self._start(book, alert)
             if book.final:
                 break
-        topic = "playbook.decided" if started else "playbook.undecided"
+        # A playbook held back by its rate limit still took the alert: it
+        # must not fall through to response's automatic decisions.
+        topic = "playbook.decided" if matched else "playbook.undecided"
         await self.hive.publish(topic, {"alert": alert, "playbooks": started})
 
     def _allowed(self, book: Playbook) -> bool:
