@@ -291,3 +291,21 @@ async def test_sentinel_verdict_is_acted_on_end_to_end(
         assert hive.metrics.get("sentinel_bridge.asked") == 1
     finally:
         await stop(hive)
+
+
+async def test_sentinel_bad_request_is_kept_and_counted(
+    sqlite_url: str, service: Service
+) -> None:
+    hive, verdicts = await start(sqlite_url, service.url)
+    try:
+        await hive.publish("sentinel.request", {"alert": "not an alert"})
+        await until(lambda: hive.metrics.get("sentinel.bad_requests") == 1)
+        await hive.store.flush()
+        (dead,) = hive.store.dead_letters()
+        assert dead["source"] == "bus:sentinel.request"
+        # The worker still answers what comes next.
+        await ask(hive, alert(data={"risk": 0.75}))
+        await until(lambda: verdicts)
+        assert verdicts[0]["action"] == "block"
+    finally:
+        await stop(hive)

@@ -331,8 +331,13 @@ class ResponsePlugin:
                 await asyncio.wait_for(stopping.wait(), self.tick_s)
             except TimeoutError:
                 pass
-            if not stopping.is_set():
+            if stopping.is_set():
+                break
+            try:
                 await self.tick(now_ns())
+            except Exception:  # noqa: BLE001 - timeouts must keep being checked
+                self.hive.metrics.inc("response.errors")
+                logger.exception("Checking timeouts and reverts failed.")
 
     async def tick(self, now: int) -> None:
         """Time out silent commands and undo holds whose time is up."""

@@ -157,8 +157,13 @@ class SentinelPlugin:
         if self.client is not None:
             await self.client.aclose()
 
-    async def on_request(self, request: dict[str, Any]) -> None:
+    async def on_request(self, request: Any) -> None:
         """Queue a request; with the queue full, decide by severity now."""
+        if not isinstance(request, dict) or not isinstance(request.get("alert"), Alert):
+            self.hive.metrics.inc("sentinel.bad_requests")
+            reason = "a sentinel.request must be a dict with an Alert under 'alert'"
+            await self.hive.dead_letter("bus:sentinel.request", reason, raw=request)
+            return
         try:
             self.queue.put_nowait(request)
         except asyncio.QueueFull:
@@ -170,8 +175,13 @@ class SentinelPlugin:
     async def _worker(self) -> None:
         while not self.hive.stopping.is_set():
             batch = await self._next_batch()
-            if batch:
+            if not batch:
+                continue
+            try:
                 await self.handle(batch)
+            except Exception:  # noqa: BLE001 - the worker must outlive a bug
+                self.hive.metrics.inc("sentinel.errors")
+                logger.exception("Handling %d verdict requests failed.", len(batch))
 
     async def _next_batch(self) -> list[dict[str, Any]]:
         """Wait for a request, then for more up to batch_size or batch_wait_s."""
