@@ -337,7 +337,8 @@ async def test_playbook_rate_limit(tmp_path: Path, sqlite_url: str) -> None:
             await hive.publish(high.topic, high)
         await until(lambda: len(agent.received) == 2)
         await asyncio.sleep(0.1)
-        assert [c["args"]["pid"] for c in agent.received] == [1, 2]
+        # Runs are tasks of their own: the two admitted may finish in any order.
+        assert sorted(c["args"]["pid"] for c in agent.received) == [1, 2]
         assert hive.metrics.get("playbook.rate_limited.quick") == 3
         assert undecided == []  # held back, not handed to automatic decisions
     finally:

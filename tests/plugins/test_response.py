@@ -350,3 +350,65 @@ async def test_response_playbook_commands_are_rows_in_storage(
         assert run["alert_id"] == chain.id
     finally:
         await stop(hive)
+
+
+async def test_response_verdict_escalates_and_never_repeats(sqlite_url: str) -> None:
+    hive, plugin = await start(sqlite_url, mode="on")
+    agent = SimulatedAgent(hive)
+    try:
+        reported = alert(severity="low", data={"addr": "192.0.2.7"})
+        plan = {"alert": reported, "playbooks": ["p"], "actions": ["alert", "block"]}
+        await hive.publish("playbook.decided", plan)
+        await hive.publish("verdict.block", {"alert": reported, "action": "block"})
+        await until(lambda: hive.metrics.get("response.verdicts_redundant") == 1)
+        assert agent.received == []
+        await hive.publish("verdict.isolate", {"alert": reported, "action": "isolate"})
+        await until(lambda: agent.actions() == [("web-1", "isolate")])
+        # The severity map already isolated this one: a fallback says the same.
+        crit = alert(severity="critical")
+        await hive.publish(crit.topic, crit)
+        await until(lambda: len(agent.received) == 2)
+        await hive.publish("verdict.isolate", {"alert": crit, "action": "isolate"})
+        await until(lambda: hive.metrics.get("response.verdicts_redundant") == 2)
+        await asyncio.sleep(0.1)
+        assert len(agent.received) == 2
+        assert plugin.planned[crit.id] == {"isolate"}
+    finally:
+        await stop(hive)
+
+
+async def test_response_bad_command_is_kept_and_counted(sqlite_url: str) -> None:
+    hive, _plugin = await start(sqlite_url)
+    try:
+        await hive.publish("command.send", {"id": 5, "action": "kill"})
+        await until(lambda: hive.metrics.get("response.bad_commands") == 1)
+        await hive.store.flush()
+        (dead,) = hive.store.dead_letters()
+        assert dead["source"] == "bus:command.send"
+    finally:
+        await stop(hive)
+
+
+@pytest.mark.parametrize(
+    ("config", "why"),
+    [
+        ({"mood": "calm"}, "unknown settings"),
+        ({"mode": "yes"}, "mode must be"),
+        ({"map": {"critical": "nuke"}}, "decisions"),
+        ({"map": {"dire": "isolate"}}, "severities"),
+        ({"retries": -1}, "retries"),
+        ({"revert_after_s": {"kill": 5}}, "revert_after_s"),
+    ],
+)
+def test_response_bad_configuration_is_refused(
+    sqlite_url: str, config: dict[str, Any], why: str
+) -> None:
+    hive = make_hive(sqlite_url, [])
+    with pytest.raises(ValueError, match=why):
+        ResponsePlugin().immune_configure(hive, config)
+
+
+def test_playbook_unknown_setting_is_refused(sqlite_url: str) -> None:
+    hive = make_hive(sqlite_url, [])
+    with pytest.raises(ValueError, match="unknown settings"):
+        PlaybookPlugin().immune_configure(hive, {"dryrun": False})

@@ -309,3 +309,14 @@ async def test_sentinel_bad_request_is_kept_and_counted(
         assert verdicts[0]["action"] == "block"
     finally:
         await stop(hive)
+
+
+async def test_sentinel_without_url_is_idle(sqlite_url: str) -> None:
+    hive, verdicts = await start(sqlite_url, "")
+    try:
+        await ask(hive, alert(severity="critical"))
+        await until(lambda: hive.metrics.get("sentinel.not_configured") == 1)
+        await hive.bus.join()
+        assert verdicts == []
+    finally:
+        await stop(hive)

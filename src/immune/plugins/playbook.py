@@ -112,11 +112,12 @@ class PlaybookPlugin:
 
     async def on_alert(self, alert: Alert) -> None:
         """Start every playbook the alert triggers, or hand it on."""
-        matched, started = [], []
+        matched, started, plans = [], [], set()
         for book in self.playbooks:
             if not book.enabled or not book.trigger.matches(alert):
                 continue
             matched.append(book.id)
+            plans |= {_plan(step) for step in book.steps if step.action != "wait"}
             if self._allowed(book):
                 started.append(book.id)
                 self._start(book, alert)
@@ -125,7 +126,8 @@ class PlaybookPlugin:
         # A playbook held back by its rate limit still took the alert: it
         # must not fall through to response's automatic decisions.
         topic = "playbook.decided" if matched else "playbook.undecided"
-        await self.hive.publish(topic, {"alert": alert, "playbooks": started})
+        message = {"alert": alert, "playbooks": started, "actions": sorted(plans)}
+        await self.hive.publish(topic, message)
 
     def _allowed(self, book: Playbook) -> bool:
         now = time.monotonic()
@@ -280,3 +282,8 @@ class Run:
             alert_id=self.alert.id,
             ttl_s=float(step.params.get("ttl_s", 60.0)),
         )
+
+
+def _plan(step: Step) -> str:
+    """What a step will do, in the words of verdicts (alert, isolate...)."""
+    return step.agent_action or "alert"

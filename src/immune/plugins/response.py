@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,7 @@ DEFAULT_REVERT_S = {"isolate": 3600.0, "block": 3600.0, "freeze": 600.0}
 _SETTINGS = {"mode", "map", "retries", "retry_delay_s", "grace_s"}
 _SETTINGS |= {"revert_after_s", "tick_s"}
 _VERDICT_ACTIONS = {"isolate", "block", "alert", "log", "allow"}
+MAX_PLANNED = 10_000
 Write = Callable[[], Awaitable[Any]]
 
 
@@ -107,6 +109,9 @@ class ResponsePlugin:
         #: Stateful actions in force: target -> the command holding it.
         self.holding: dict[tuple[str, str, str], Tracked] = {}
         self._writes: asyncio.Queue[Write] = asyncio.Queue()
+        #: What was already decided for recent alerts, so that a verdict
+        #: escalates and never repeats (alert id -> actions).
+        self.planned: OrderedDict[str, set[str]] = OrderedDict()
         self._playbook_running = False
 
     @hookimpl
@@ -145,6 +150,7 @@ class ResponsePlugin:
         ]
         undecided = "playbook.undecided" if self._playbook_running else "alert.#"
         subs.append((undecided, self.on_undecided))
+        subs.append(("playbook.decided", self.on_decided))
         return subs
 
     @hookimpl
@@ -372,19 +378,35 @@ class ResponsePlugin:
         decision = self.map.get(alert.severity, "log")
         await self.decide(decision, alert, source=f"auto:{alert.severity}")
 
+    def on_decided(self, message: dict[str, Any]) -> None:
+        """Note what the playbooks will do about an alert."""
+        self._plan(message["alert"].id, message.get("actions", []))
+
+    def _plan(self, alert_id: str, actions: list[str]) -> None:
+        self.planned.setdefault(alert_id, set()).update(actions)
+        self.planned.move_to_end(alert_id)
+        while len(self.planned) > MAX_PLANNED:
+            self.planned.popitem(last=False)
+
     async def on_verdict(self, verdict: Any) -> None:
-        """A verdict of ``sentinel``: act on its action."""
+        """A verdict of ``sentinel``: act on it unless that is already done."""
         alert = verdict.get("alert") if isinstance(verdict, dict) else None
         action = verdict.get("action") if isinstance(verdict, dict) else None
         if not isinstance(alert, Alert) or action not in _VERDICT_ACTIONS:
             self.hive.metrics.inc("response.bad_verdicts")
             await self.hive.dead_letter("bus:verdict", "not a verdict", raw=verdict)
             return
+        if action in self.planned.get(alert.id, ()):
+            # A playbook or the severity map already does it (a fallback
+            # verdict says what the severity map says): do not do it twice.
+            self.hive.metrics.inc("response.verdicts_redundant")
+            return
         await self.decide(action, alert, source=f"verdict:{action}")
 
     async def decide(self, decision: str, alert: Alert, *, source: str) -> None:
         """Carry out a decision on an alert (as a recorded run), per ``mode``."""
         self.hive.metrics.inc(f"response.decisions.{decision}")
+        self._plan(alert.id, [decision])
         if self.mode == "off" or decision in ("log", "allow"):
             logger.info("Alert %s (%s): %s; no action.", alert.id, alert.rule, source)
             return

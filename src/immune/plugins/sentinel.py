@@ -12,7 +12,7 @@ logged once per failure, never with the API key.
 
 Configuration (``[plugins.sentinel]``)::
 
-    url = "https://verdicts.example"   # empty: every verdict is a fallback
+    url = "https://verdicts.example"   # empty (the default): sentinel is idle
     api_key_env = "IMMUNE_SENTINEL_API_KEY"   # or api_key = "..." (avoid)
     api_key_header = "X-API-Key"
     timeout_s = 5.0
@@ -111,7 +111,7 @@ class SentinelPlugin:
 
     @hookimpl
     def immune_describe(self) -> dict[str, str]:
-        where = self.url or "no service (severity fallback only)"
+        where = self.url or "nowhere: no url configured, so it is idle"
         return {"description": f"verdicts from {where}"}
 
     @hookimpl
@@ -142,6 +142,8 @@ class SentinelPlugin:
 
     @hookimpl
     def immune_start(self, hive: Hive) -> None:
+        if not self.url:
+            logger.info("No verdict service configured ([plugins.sentinel] url).")
         if self.url:
             self.client = httpx.AsyncClient(
                 base_url=self.url, headers=self.headers, timeout=self.timeout_s
@@ -163,6 +165,9 @@ class SentinelPlugin:
             self.hive.metrics.inc("sentinel.bad_requests")
             reason = "a sentinel.request must be a dict with an Alert under 'alert'"
             await self.hive.dead_letter("bus:sentinel.request", reason, raw=request)
+            return
+        if not self.url:
+            self.hive.metrics.inc("sentinel.not_configured")
             return
         try:
             self.queue.put_nowait(request)
