@@ -426,3 +426,16 @@ async def test_playbook_undecided_alert_is_handed_on(
         assert seen[0]["playbooks"] == [] and seen[0]["alert"].id == low.id
     finally:
         await stop(hive)
+
+
+async def test_playbook_max_runs_in_progress(tmp_path: Path, sqlite_url: str) -> None:
+    books = "playbooks:\n  - id: w\n    actions:\n      - {action: wait, seconds: 60}\n"
+    hive, _agent = await start(tmp_path, sqlite_url, books, max_runs=1)
+    try:
+        for _ in range(3):
+            one = alert()
+            await hive.publish(one.topic, one)
+        await until(lambda: hive.metrics.get("playbook.too_many_runs") == 2)
+        assert hive.metrics.get("playbook.runs") == 1
+    finally:
+        await stop(hive)

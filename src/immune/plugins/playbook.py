@@ -134,18 +134,22 @@ class PlaybookPlugin:
         recent = self._started.setdefault(book.id, deque())
         while recent and now - recent[0] > book.rate_per_s:
             recent.popleft()
-        if len(recent) >= book.rate_runs or len(self.runs) >= self.max_runs:
+        if len(self.runs) >= self.max_runs:
+            self.hive.metrics.inc("playbook.too_many_runs")
+            msg = "Playbook %s not run: %d runs in progress (max_runs)."
+            self._refuse(book, msg, self.max_runs)
+            return False
+        if len(recent) >= book.rate_runs:
             self.hive.metrics.inc(f"playbook.rate_limited.{book.id}")
-            self.hive._warn_rarely(  # noqa: SLF001 - the hive's rate-limited log
-                f"playbook:{book.id}",
-                "Playbook %s not run: rate limit of %d runs in %.0f s reached.",
-                book.id,
-                book.rate_runs,
-                book.rate_per_s,
-            )
+            msg = "Playbook %s not run: its rate limit of %d runs is reached."
+            self._refuse(book, msg, book.rate_runs)
             return False
         recent.append(now)
         return True
+
+    def _refuse(self, book: Playbook, msg: str, limit: int) -> None:
+        # The hive's once-a-second log: an alert storm must not flood it.
+        self.hive._warn_rarely(f"playbook:{book.id}", msg, book.id, limit)  # noqa: SLF001
 
     def _start(self, book: Playbook, alert: Alert) -> None:
         run = Run(self, book, alert)
