@@ -25,6 +25,7 @@ from rich.table import Table
 
 from immune import __version__, cli_sigma
 from immune import config as config_mod
+from immune.cli_response import response_app as _response_app
 from immune.config import Config
 from immune.errors import ConfigError, ImmuneError, StorageError
 from immune.events import SEVERITIES
@@ -40,6 +41,7 @@ app = typer.Typer(
 db_app = typer.Typer(help="Manage the database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(cli_sigma.app, name="sigma")
+app.add_typer(_response_app, name="response")
 
 console = Console()
 err_console = Console(stderr=True)

@@ -40,6 +40,15 @@ class HiveConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: At stop, how long to keep trying to write what is pending before
     #: giving up with an error that says how many rows are lost.
     shutdown_timeout: Seconds = 60.0
+    #: Alerts of one rule, severity, agent and key within this many seconds
+    #: are one alert whose count grows; 0 turns that off.
+    alert_window: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    #: The most event ids one alert keeps (its count goes on past it).
+    alert_max_event_ids: Positive = 100
+    #: Windows of particular rules, by rule id (0: never fold that rule).
+    alert_rule_windows: dict[str, Annotated[float, msgspec.Meta(ge=0)]] = msgspec.field(
+        default_factory=dict
+    )
 
 
 class StorageConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

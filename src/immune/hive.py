@@ -19,6 +19,7 @@ import orjson
 
 from immune.bus import Bus, Subscription
 from immune.config import Config
+from immune.dedup import Deduplicator
 from immune.errors import StorageError
 from immune.events import (
     EVENT_TOPICS,
@@ -81,6 +82,11 @@ class Hive:
         self.stopping = asyncio.Event()
         self.started_ns = 0
         self._last_warning: dict[str, float] = {}
+        self.dedup = Deduplicator(
+            config.hive.alert_window,
+            max_event_ids=config.hive.alert_max_event_ids,
+            rule_windows=config.hive.alert_rule_windows,
+        )
         #: Agent id to "online" or "offline", as the transport last saw it.
         self.agent_status: dict[str, str] = {}
 
@@ -93,6 +99,7 @@ class Hive:
         await self.store.start()
         self.bus.subscribe("event.#", self.store.offer_event, owner="storage")
         self.bus.subscribe("alert.#", self.store.add_alert, owner="storage")
+        self.bus.subscribe("alert_update.#", self.store.add_alert, owner="storage")
 
         self._load_plugins()
         for info in list(self.plugins.active()):
@@ -198,6 +205,9 @@ class Hive:
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
+        # Forget finished tasks: plugins start one per playbook run or retry.
+        if task in self._tasks:
+            self._tasks.remove(task)
         if task.cancelled() or task.exception() is None:
             return
         self.metrics.inc("hive.task_errors")
@@ -235,8 +245,15 @@ class Hive:
         techniques: Iterable[str] = (),
         description: str = "",
         data: dict[str, Any] | None = None,
+        key: str | None = None,
     ) -> Alert:
         """Build an alert from the events that caused it and publish it.
+
+        An alert of the same rule, severity and agent (and ``key``) within
+        the suppression window updates the first one instead (see
+        :mod:`immune.dedup`): its count grows, and it is published on
+        ``alert_update.<severity>``, where storage updates its row; that one
+        is returned.
 
         Args:
             rule: a stable identifier of the rule or signature that fired.
@@ -245,6 +262,8 @@ class Hive:
             plugin: the plugin raising it.
             events: the events behind it; the first gives agent and host.
             techniques: MITRE ATT&CK technique ids (``T1059.004``).
+            key: what else tells two alerts of one rule apart (an
+                indicator, a user); the agent always does.
         """
         if severity not in SEVERITY_RANK:
             msg = f"severity {severity!r} is not one of {', '.join(SEVERITY_RANK)}"
@@ -265,8 +284,16 @@ class Hive:
             description=description,
             data=data or {},
         )
-        self.metrics.inc("alerts.raised")
-        await self.bus.publish(alert.topic, alert, key=alert.agent_id)
+        alert, status = self.dedup.fold(alert, key)
+        if status == "new":
+            self.metrics.inc("alerts.raised")
+            await self.bus.publish(alert.topic, alert, key=alert.agent_id)
+        elif status == "updated":
+            self.metrics.inc("alerts.deduplicated")
+            topic = f"alert_update.{alert.severity}"
+            await self.bus.publish(topic, alert, key=alert.agent_id)
+        else:
+            self.metrics.inc("alerts.redelivered")
         return alert
 
     async def dead_letter(

@@ -18,6 +18,7 @@ from immune.storage.models import Base
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = {"agents", "alerts", "commands", "dead_letters", "events", "plugin_state"}
+TABLES |= {"playbook_runs", "response_commands"}
 
 
 def _tables(url: str) -> set[str]:
@@ -80,9 +81,8 @@ def test_migrations_dir_holds_the_initial_schema() -> None:
     where = migrations_dir()
 
     assert (where / "env.py").is_file()
-    assert [p.name.split("_", 1)[1] for p in where.glob("versions/*.py")] == [
-        "initial_schema.py"
-    ]
+    names = {p.name.split("_", 1)[1] for p in where.glob("versions/*.py")}
+    assert {"initial_schema.py", "playbook_runs_and_response_commands.py"} <= names
 
 
 def test_migrations_alembic_command_line_from_repo_root(tmp_path: Path) -> None:

@@ -313,6 +313,8 @@ async def test_store_read_filters(store: Store) -> None:
         "dead_letters": 0,
         "events": 10,
         "plugin_state": 0,
+        "playbook_runs": 0,
+        "response_commands": 0,
     }
 
 

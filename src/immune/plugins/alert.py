@@ -8,8 +8,11 @@ Configuration (``[plugins.alert]``)::
     min_severity = "low"           # quieter channels see fewer alerts
 
 Each line of the text format reads
-``[YYYY-mm-dd HH:MM:SS] [LEVEL] title: details``. Every value that came from a
-host is escaped, so an attacker cannot forge lines or drive the terminal.
+``[YYYY-mm-dd HH:MM:SS] [LEVEL] title: details``. The notices of playbooks
+(their ``alert`` and ``notify`` steps, on ``notify.<severity>``) go to the
+same channels, as ``[...] [LEVEL] playbook: message [agents] (alert id)``.
+Every value that came from a host is escaped, so an attacker cannot forge
+lines or drive the terminal.
 """
 
 from __future__ import annotations
@@ -50,6 +53,19 @@ def format_line(alert: Alert) -> str:
     return f"[{when}] [{alert.severity.upper()}] {printable(text, 2048)}"
 
 
+def format_notice(note: dict[str, Any]) -> str:
+    """The one-line text form of a playbook's notice, escaped."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S")
+    mode = " (dry-run)" if note.get("dry_run") else ""
+    agents = ", ".join(map(str, note.get("agents") or [])) or "no agent"
+    text = (
+        f"{note.get('playbook', '?')}{mode}: {note.get('message', '')} "
+        f"[{agents}] (alert {note.get('alert_id')})"
+    )
+    severity = str(note.get("severity", "info")).upper()
+    return f"[{when}] [{severity}] {printable(text, 2048)}"
+
+
 class AlertPlugin:
     """Prints alerts and appends them to a file."""
 
@@ -83,7 +99,7 @@ class AlertPlugin:
 
     @hookimpl
     def immune_subscriptions(self) -> list[tuple[str, Any]]:
-        return [("alert.#", self.on_alert)]
+        return [("alert.#", self.on_alert), ("notify.*", self.on_notify)]
 
     @hookimpl
     def immune_start(self) -> None:
@@ -96,6 +112,19 @@ class AlertPlugin:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+    def on_notify(self, note: dict[str, Any]) -> None:
+        """A playbook's ``alert``/``notify`` step: tell the same channels."""
+        severity = note.get("severity") if isinstance(note, dict) else None
+        if severity not in SEVERITY_RANK or SEVERITY_RANK[severity] < self.min_rank:
+            return
+        line = format_notice(note)
+        if self.console is not None:
+            style = _STYLE[severity]
+            self.console.print(f"[{style}]{escape(line)}[/]", soft_wrap=True)
+        if self.file is not None:
+            data = encode(note) if self.format == "json" else line.encode()
+            self.file.write(data + b"\n")
 
     def on_alert(self, alert: Alert) -> None:
         if SEVERITY_RANK[alert.severity] < self.min_rank:

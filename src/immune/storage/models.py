@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Index,
     Integer,
@@ -195,6 +196,70 @@ class PluginState(Base):
     updated: Mapped[Nanos] = mapped_column(comment="Last write (ns).")
 
 
+RUN_STATES = ("running", "done", "failed", "cancelled")
+RESPONSE_STATES = (
+    "dry_run",
+    "sent",
+    "acknowledged",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "refused",
+)
+
+
+class PlaybookRun(Base):
+    __tablename__ = "playbook_runs"
+    __table_args__ = (
+        CheckConstraint(_one_of("state", RUN_STATES), name="state"),
+        Index("ix_playbook_runs_started", "started"),
+        Index("ix_playbook_runs_alert_id", "alert_id"),
+        {"comment": "Playbooks run on alerts, step by step."},
+    )
+
+    id: Mapped[Ident] = mapped_column(primary_key=True, comment="Run id.")
+    playbook: Mapped[ShortText] = mapped_column(comment="Playbook id.")
+    alert_id: Mapped[Ident | None] = mapped_column(comment="Alert that triggered it.")
+    rule: Mapped[ShortText | None] = mapped_column(comment="That alert's rule.")
+    agents: Mapped[Json] = mapped_column(comment="Agents concerned (list).")
+    dry_run: Mapped[bool] = mapped_column(Boolean, comment="Commands not sent.")
+    state: Mapped[str] = mapped_column(String(16), comment="running, done...")
+    started: Mapped[Nanos] = mapped_column(comment="When it started (ns).")
+    finished: Mapped[int | None] = mapped_column(
+        BigInteger, comment="When it ended (ns)."
+    )
+    steps: Mapped[Json] = mapped_column(comment="What each step did (list).")
+
+
+class ResponseCommand(Base):
+    __tablename__ = "response_commands"
+    __table_args__ = (
+        CheckConstraint(_one_of("state", RESPONSE_STATES), name="state"),
+        Index("ix_response_commands_run_id", "run_id"),
+        Index("ix_response_commands_created", "created"),
+        {"comment": "Commands response decided, followed to their end."},
+    )
+
+    id: Mapped[Ident] = mapped_column(primary_key=True, comment="Command id.")
+    run_id: Mapped[Ident | None] = mapped_column(comment="Playbook run, if any.")
+    alert_id: Mapped[Ident | None] = mapped_column(comment="Alert behind it.")
+    origin: Mapped[ShortText] = mapped_column(comment="Plugin that decided it.")
+    agent_id: Mapped[Ident] = mapped_column(comment="Agent that must act.")
+    action: Mapped[ShortText] = mapped_column(comment="What to do (kill, ...).")
+    args: Mapped[Json] = mapped_column(comment="Arguments of the action.")
+    state: Mapped[str] = mapped_column(String(16), comment="sent to timed_out.")
+    attempts: Mapped[int] = mapped_column(Integer, comment="Times it was sent.")
+    first_id: Mapped[Ident] = mapped_column(comment="Id of its first attempt.")
+    revert_of: Mapped[Ident | None] = mapped_column(comment="Command it undoes.")
+    created: Mapped[Nanos] = mapped_column(comment="When it was decided (ns).")
+    updated: Mapped[Nanos] = mapped_column(comment="Last state change (ns).")
+    revert_at: Mapped[int | None] = mapped_column(
+        BigInteger, comment="When it is undone unless renewed (ns)."
+    )
+    error: Mapped[str | None] = mapped_column(Text, comment="Why it failed.")
+    result: Mapped[Json | None] = mapped_column(comment="What the agent answered.")
+
+
 # The tables, for Core statements.
 agents = Base.metadata.tables["agents"]
 events = Base.metadata.tables["events"]
@@ -202,3 +267,5 @@ alerts = Base.metadata.tables["alerts"]
 dead_letters = Base.metadata.tables["dead_letters"]
 commands = Base.metadata.tables["commands"]
 plugin_state = Base.metadata.tables["plugin_state"]
+playbook_runs = Base.metadata.tables["playbook_runs"]
+response_commands = Base.metadata.tables["response_commands"]

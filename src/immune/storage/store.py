@@ -29,7 +29,7 @@ from immune.config import StorageConfig
 from immune.errors import StorageError
 from immune.events import Alert, Event, new_id
 from immune.metrics import Metrics
-from immune.storage import migrate, queries
+from immune.storage import migrate, queries, responses
 from immune.storage.engine import (
     DEFAULT_BUSY_TIMEOUT,
     is_transient,
@@ -239,11 +239,15 @@ class Store:
         """Queue an alert; one stored again with the same id updates the row.
 
         The update replaces count, data, title, severity, agent_id, host,
-        event_ids, techniques and description; ts, rule and plugin stay.
+        event_ids, techniques and description; ts, rule and plugin stay. A
+        copy whose count is lower than the one held is older and ignored.
         """
-        if alert.id not in self._alerts and self.pending >= self.config.max_pending:
+        queued = self._alerts.get(alert.id)
+        if queued is None and self.pending >= self.config.max_pending:
             await self._wait_for_room()
-        self._alerts[alert.id] = alert
+        # A copy counting less is older (see immune.dedup): keep the newer.
+        if queued is None or alert.count >= queued.count:
+            self._alerts[alert.id] = alert
         self._queued()
 
     async def add_dead_letter(
@@ -605,3 +609,39 @@ class Store:
     def counts(self) -> dict[str, int]:
         """Rows per table."""
         return queries.counts(self._reader)
+
+    # Playbook runs and response commands (immune.storage.responses)
+
+    async def add_run(self, **values: Any) -> None:
+        """Record a playbook run (columns of ``playbook_runs``)."""
+        await self._write_now(responses.add_run, values)
+
+    async def update_run(self, run_id: str, **values: Any) -> bool:
+        """Change a recorded run; False if there is no such run."""
+        return await self._write_now(responses.update_run, run_id, values)
+
+    async def add_response_command(self, **values: Any) -> None:
+        """Record a command response follows (columns of ``response_commands``)."""
+        await self._write_now(responses.add_command, values)
+
+    async def update_response_command(self, command_id: str, **values: Any) -> bool:
+        """Change a followed command; False if there is no such command."""
+        return await self._write_now(responses.update_command, command_id, values)
+
+    def runs(
+        self, *, playbook: str | None = None, limit: int | None = 100
+    ) -> list[dict[str, Any]]:
+        """Playbook runs, newest first, each with its ``commands``."""
+        return responses.runs(self._reader, playbook=playbook, limit=limit)
+
+    def response_commands(
+        self,
+        *,
+        agent_id: str | None = None,
+        state: str | None = None,
+        limit: int | None = 100,
+    ) -> list[dict[str, Any]]:
+        """Commands response followed, newest first."""
+        return responses.commands(
+            self._reader, agent_id=agent_id, state=state, limit=limit
+        )

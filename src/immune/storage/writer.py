@@ -94,7 +94,10 @@ class Statements:
 
         updates = ", ".join(f"{col} = excluded.{col}" for col in ALERT_UPDATES.split())
         alerts = insert("alerts", ALERT_COLUMNS)
+        # A copy that counts less is older (see immune.dedup): it must not
+        # overwrite the newer one, whatever order they arrive in.
         alerts += f" ON CONFLICT (id) DO UPDATE SET {updates}"
+        alerts += " WHERE excluded.count >= alerts.count"
         dead_letters = insert("dead_letters", DEAD_LETTER_COLUMNS)
         if name != "postgresql":
             events = insert("events", EVENT_COLUMNS) + " ON CONFLICT (id) DO NOTHING"
