@@ -53,7 +53,8 @@ def sensor_for(
 ) -> tuple[FanotifySensor, EventCollector]:
     collector = EventCollector()
     store = PolicyStore()
-    store.replace(parse(policy))
+    # Mark no file of the machine unless the test says so.
+    store.replace(parse({"files": {"paths": []}} | policy))
     sensor = FanotifySensor(
         agent_id="a", host="h", emit=collector, policy=store, marks=marks
     )

@@ -2,9 +2,12 @@
 
 For a rule in ``block`` mode the kernel holds the process in its ``execve``
 or ``open`` until this sensor answers a *permission* event (FAN_OPEN_EXEC_PERM,
-FAN_OPEN_PERM) with ALLOW or DENY; a denied call fails with EPERM. For a
-rule in ``audit`` mode the marks ask for plain notifications (FAN_OPEN_EXEC,
-FAN_OPEN), which hold nobody up. Only events a rule matches are reported.
+FAN_OPEN_PERM) with ALLOW or DENY; a denied call fails with EPERM. For the
+exec rule in ``audit`` mode the marks ask for plain notifications
+(FAN_OPEN_EXEC), which hold nobody up; readers of protected files are held
+in both modes, just long enough to read who they are from /proc (a
+``cat`` is otherwise gone before its /proc entry can be read), then allowed.
+Only events a rule matches are reported.
 
 A process waiting on us is stuck, so every permission event is answered at
 once, before the event is built, and ALLOW is the answer to anything that
@@ -166,7 +169,9 @@ class FanotifySensor(Sensor):
         if exec_mask:
             for directory in self.marks if self.marks is not None else rules.exec_dirs:
                 self._mark_dir(directory, exec_mask)
-        file_mask = self._mask(policy.files.mode, FAN_OPEN_PERM, FAN_OPEN)
+        # A reader of a protected file is held even in audit mode, for the
+        # moment it takes to read its /proc entry, so it is reported whole.
+        file_mask = self._mask(policy.files.mode, FAN_OPEN_PERM, FAN_OPEN_PERM)
         if file_mask:
             for path in rules.watched_files():
                 self._mark_path(path, file_mask)

@@ -174,7 +174,7 @@ class Rules:
     def cmdline_verdict(self, argv: Iterable[str] | None) -> Verdict | None:
         if argv is None or self.cmdline is None:
             return None
-        if self.cmdline.Match(re2.UNANCHORED, " ".join(argv)):
+        if self.cmdline.Match(" ".join(argv)):
             rule = self.policy.cmdline
             return Verdict("reverse_shell", rule.mode, rule.severity)
         return None
