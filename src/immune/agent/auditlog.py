@@ -226,6 +226,8 @@ def to_event(group: Group, *, agent_id: str, host: str, sensor: str) -> Event | 
     }
     success = call.get("success")
     result = number(call.get("exit"))
+    if kind == "exec" and success == "no" and result not in (-1, -13):
+        return None  # a PATH lookup that missed (ENOENT): nothing ran
     fields["outcome"] = {"yes": "allowed", "no": "blocked"}.get(success or "", "unknown")
     if success == "no" and result not in (-1, -13):
         fields["outcome"] = "unknown"  # failed for another reason than a refusal

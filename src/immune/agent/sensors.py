@@ -156,12 +156,14 @@ SensorFactory = Callable[..., Sensor]
 
 def registry() -> dict[str, SensorFactory]:
     """The sensors this agent knows, by the name used in ``[agent] sensors``."""
+    from immune.agent.audit import AuditSensor
     from immune.agent.cnproc import CnProcSensor
     from immune.agent.ebpf import EbpfSensor
     from immune.agent.fanotify import FanotifySensor
     from immune.agent.procfs import ProcPollSensor
 
-    found: list[SensorFactory] = [EbpfSensor, FanotifySensor, CnProcSensor]
+    found: list[SensorFactory] = [EbpfSensor, FanotifySensor, AuditSensor]
+    found.append(CnProcSensor)
     found.append(ProcPollSensor)
     return {factory.name: factory for factory in found}  # type: ignore[attr-defined]
 
@@ -439,7 +441,7 @@ def open_sensors(
             off[name] = f"not needed, {telemetry} reports process events"
             continue
         kwargs = dict(options.get(name, {}))
-        if name in ("ebpf", "fanotify"):
+        if name in ("ebpf", "fanotify", "audit"):
             kwargs["policy"] = store
         if name in ENFORCEMENT and telemetry is not None:
             kwargs.setdefault("block_only", True)
