@@ -147,7 +147,9 @@ def test_pending_groups_are_bounded() -> None:
 def test_replay_json_prints_the_events() -> None:
     result = CliRunner().invoke(app, ["replay", "--json", str(SAMPLE)])
     assert result.exit_code == 0, result.output
-    rows = [orjson.loads(line) for line in result.stdout.splitlines() if line[:1] == "{"]
+    rows = [
+        orjson.loads(line) for line in result.stdout.splitlines() if line[:1] == "{"
+    ]
     assert len(rows) == 9
     assert {r["kind"] for r in rows} == {"exec", "open", "connect", "bind", "setuid"}
 

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sensing import EventCollector
@@ -49,7 +50,11 @@ def test_exec_record_becomes_an_event_with_argv() -> None:
     sensor._record(head(ebpf.K_EXEC) + body)
     (event,) = collector.events
     assert (event.kind, event.pid, event.ppid, event.uid) == ("exec", 10, 1, 1000)
-    assert (event.exe, event.argv, event.comm) == ("/bin/true", ["true", "--help"], "cmd")
+    assert (event.exe, event.argv, event.comm) == (
+        "/bin/true",
+        ["true", "--help"],
+        "cmd",
+    )
     assert event.extra is None
 
 
@@ -103,7 +108,7 @@ def test_short_record_is_counted_not_decoded() -> None:
 
 
 def test_unmounted_tracefs_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(libbpf, "TRACEFS", (libbpf.Path("/nonexistent"),))
+    monkeypatch.setattr(libbpf, "TRACEFS", (Path("/nonexistent"),))
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     sensor, _ = offline()
     with pytest.raises(SensorUnavailableError, match="mount -t tracefs"):
@@ -111,7 +116,7 @@ def test_unmounted_tracefs_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_missing_compiler_is_named(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: libbpf.Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("IMMUNE_BPF_CACHE", str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path))

@@ -42,7 +42,9 @@ def gate_for(policy: dict) -> tuple[Gate, EventCollector, Metrics]:
 
 
 def test_gate_drops_and_counts_beyond_the_limit() -> None:
-    gate, collector, metrics = gate_for({"limits": {"events_per_second": 1, "burst": 2}})
+    gate, collector, metrics = gate_for(
+        {"limits": {"events_per_second": 1, "burst": 2}}
+    )
     for _ in range(5):
         gate(event(exe="/bin/ls"))
     assert len(collector.events) == 2
@@ -148,13 +150,13 @@ def test_root_runs_ebpf_for_telemetry_and_fanotify_for_blocking(caplog) -> None:
 
 def test_policy_file_is_reloaded_when_it_changes(tmp_path) -> None:
     path = tmp_path / "policy.toml"
-    path.write_text('[ports]\nports = [4444]\n')
+    path.write_text("[ports]\nports = [4444]\n")
     store = PolicyStore(path)
     assert store.rules.ports == {4444}
     store.watch(interval=0.05)
     try:
         time.sleep(0.05)
-        path.write_text('[ports]\nports = [9999]\n')
+        path.write_text("[ports]\nports = [9999]\n")
         os.utime(path, (time.time() + 5, time.time() + 5))
         deadline = time.monotonic() + 5
         while store.rules.ports != {9999} and time.monotonic() < deadline:

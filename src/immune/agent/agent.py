@@ -28,8 +28,8 @@ import msgspec
 
 import immune
 from immune import topics
-from immune.agent.cnproc import CnProcSensor
 from immune.agent import policy
+from immune.agent.cnproc import CnProcSensor
 from immune.agent.sensors import Sensor, open_sensors
 from immune.config import Config
 from immune.errors import ConfigError

@@ -191,7 +191,9 @@ class AuditSensor(Sensor):
         return STATUS.unpack(body[: STATUS.size].ljust(STATUS.size, b"\0"))
 
     def _set(self, mask: int, enabled: int, pid: int, backlog: int) -> None:
-        self.request(AUDIT_SET, STATUS.pack(mask, enabled, 0, pid, 0, backlog, 0, 0, 0, 0))
+        self.request(
+            AUDIT_SET, STATUS.pack(mask, enabled, 0, pid, 0, backlog, 0, 0, 0, 0)
+        )
 
     def _claim(self, status: tuple[int, ...]) -> None:
         assert self.sock is not None

@@ -228,7 +228,9 @@ def to_event(group: Group, *, agent_id: str, host: str, sensor: str) -> Event | 
     result = number(call.get("exit"))
     if kind == "exec" and success == "no" and result not in (-1, -13):
         return None  # a PATH lookup that missed (ENOENT): nothing ran
-    fields["outcome"] = {"yes": "allowed", "no": "blocked"}.get(success or "", "unknown")
+    fields["outcome"] = {"yes": "allowed", "no": "blocked"}.get(
+        success or "", "unknown"
+    )
     if success == "no" and result not in (-1, -13):
         fields["outcome"] = "unknown"  # failed for another reason than a refusal
     extra: dict[str, Any] = {"audit_serial": group.serial, "syscall": name}
@@ -349,7 +351,9 @@ class Assembler:
             yield from self._finish(group)
 
     def _finish(self, group: Group) -> Iterator[Event]:
-        event = to_event(group, agent_id=self.agent_id, host=self.host, sensor=self.sensor)
+        event = to_event(
+            group, agent_id=self.agent_id, host=self.host, sensor=self.sensor
+        )
         if event is not None:
             yield event
 

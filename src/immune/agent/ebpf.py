@@ -22,6 +22,7 @@ import os
 import struct
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 from immune.agent import libbpf
@@ -63,8 +64,18 @@ POLL_MS = 100
 class Head:
     """The fields every record starts with."""
 
-    __slots__ = ("aux", "comm", "euid", "gid", "kind", "pid", "ppid", "tid", "ts")
-    __slots__ += ("uid",)
+    __slots__ = (
+        "aux",
+        "comm",
+        "euid",
+        "gid",
+        "kind",
+        "pid",
+        "ppid",
+        "tid",
+        "ts",
+        "uid",
+    )
 
     def __init__(self, data: bytes, offset: int) -> None:
         ts, self.kind, self.pid, self.tid, self.ppid, *rest = HEAD.unpack_from(data)
@@ -131,7 +142,7 @@ class EbpfSensor(Sensor):
             )
         try:
             path = self.object_path or str(libbpf.build())
-            self.bpf = libbpf.BpfObject(libbpf.Path(path))
+            self.bpf = libbpf.BpfObject(Path(path))
             self._configure()
             self.ring = libbpf.RingBuffer(self.bpf.map_fd("events"), self._record)
         except libbpf.BpfError as exc:
@@ -150,7 +161,10 @@ class EbpfSensor(Sensor):
         if self.bpf is None:
             return
         fd = self.bpf.map_fd("watched")
-        keys = {p.encode()[: PATH_LEN - 1].ljust(PATH_LEN, b"\0") for p in rules.watched_files()}
+        keys = {
+            p.encode()[: PATH_LEN - 1].ljust(PATH_LEN, b"\0")
+            for p in rules.watched_files()
+        }
         for key in self._watched - keys:
             self.bpf.delete(fd, key)
         for key in keys - self._watched:
@@ -250,9 +264,7 @@ class EbpfSensor(Sensor):
         extra["args"] = ",".join(map(str, ids))
         if call >= 4:
             extra["gid"] = head.gid
-        return self._event(
-            head, "setuid", old_euid=old_euid, old_uid=old_uid, **extra
-        )
+        return self._event(head, "setuid", old_euid=old_euid, old_uid=old_uid, **extra)
 
     def _event(self, head: Head, kind: str, **fields: Any) -> Event:
         known = {"pid", "ppid", "exe", "argv", "addr", "port", "family", "path"}

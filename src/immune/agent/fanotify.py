@@ -139,7 +139,9 @@ class FanotifySensor(Sensor):
         return f"fanotify permission events ({what}, {self.scope} marks)"
 
     def open(self) -> None:
-        fd = _libc.fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, EVENT_FLAGS)
+        fd = _libc.fanotify_init(
+            FAN_CLASS_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, EVENT_FLAGS
+        )
         if fd < 0:
             err = ctypes.get_errno()
             if err in (errno.EPERM, errno.EACCES):
@@ -270,7 +272,9 @@ class FanotifySensor(Sensor):
         allow = not (verdict.block and mask & PERM)
         # The process waits on us while blocked: /proc still has it whole.
         info = read_process(pid)
-        return allow, self._event(info, "exec" if execs else "open", path, verdict, allow)
+        return allow, self._event(
+            info, "exec" if execs else "open", path, verdict, allow
+        )
 
     def _event(
         self, info: ProcInfo, kind: str, path: str, verdict: Verdict, allow: bool

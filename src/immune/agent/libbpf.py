@@ -59,7 +59,8 @@ def object_path(source: Path = SOURCE) -> Path:
 def _tool(name: str, package: str) -> str:
     found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if found is None:
-        msg = f"{name} not found, needed to build the BPF sensor: apt-get install {package}"
+        msg = f"{name} not found, needed to build the BPF sensor: "
+        msg += f"apt-get install {package}"
         raise BpfError(msg)
     return found
 
@@ -118,8 +119,12 @@ def tracefs_mounted() -> bool:
 
 # --- libbpf through ctypes ---------------------------------------------------
 
-SampleFn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-_PrintFn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+SampleFn = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t
+)
+_PrintFn = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p
+)
 _lib: ctypes.CDLL | None = None
 _libc = ctypes.CDLL(None, use_errno=True)
 _print_keep: list[object] = []
@@ -187,7 +192,9 @@ def _errno_error(what: str, err: int | None = None) -> BpfError:
     if code in (errno.EPERM, errno.EACCES):
         hint = " (needs root or CAP_BPF and CAP_PERFMON)"
     detail = "\n".join(LOG[-20:])
-    return BpfError(f"{what}: {os.strerror(code)}{hint}" + (f"\n{detail}" if detail else ""))
+    return BpfError(
+        f"{what}: {os.strerror(code)}{hint}" + (f"\n{detail}" if detail else "")
+    )
 
 
 class BpfObject:
