@@ -210,18 +210,20 @@ def test_live_connect_and_bind_have_address_and_port(live) -> None:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", 4444))
         listener.listen()
-        out = subprocess.run(
-            [sys.executable, "-c", CONNECT, "4444"], capture_output=True, check=True
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CONNECT, "4444"], stdout=subprocess.PIPE
         )
-    bound = int(out.stdout)
+        out, _ = proc.communicate(timeout=30)
+    bound = int(out)
 
     def is_child(e: Event) -> bool:
-        return e.exe is not None and "python" in e.exe and e.pid != os.getpid()
+        return e.pid == proc.pid
 
     connect = collector.wait_for(
         lambda e: e.kind == "connect" and e.port == 4444 and is_child(e)
     )
     assert (connect.addr, connect.family) == ("127.0.0.1", "inet")
+    assert connect.exe is not None and "python" in connect.exe
     bind = collector.wait_for(lambda e: e.kind == "bind" and is_child(e))
     assert (bind.addr, bind.port) == ("127.0.0.1", 0)
     assert bound > 0
