@@ -91,3 +91,9 @@ def test_sighup_reload_keeps_rules_on_a_broken_file(tmp_path: Path) -> None:
     assert store.reload() and store.rules.policy.exec.mode == "audit"
     path.write_text("not toml [")
     assert not store.reload() and store.rules.policy.exec.mode == "audit"
+
+
+def test_example_file_is_the_defaults() -> None:
+    example = Path(__file__).parents[2] / "docs" / "policy.example.toml"
+    assert example.read_text() == policy.dump(Policy())
+    assert policy.load(example).policy == Policy()

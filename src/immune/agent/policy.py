@@ -272,7 +272,10 @@ def load(path: str | os.PathLike[str]) -> Rules:
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        msg = f"policy file {path} does not exist; `immune policy` writes one"
+        msg = (
+            f"policy file {path} does not exist; start from a copy of "
+            "docs/policy.example.toml (the defaults)"
+        )
         raise PolicyError(msg) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(f"cannot read policy file {path}: {exc}") from None
