@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import shutil
@@ -254,3 +255,134 @@ def test_live_su_yields_fork_exec_and_setuid(live) -> None:
     assert setuid.extra is not None and setuid.extra["ret"] == 0
     shell = collector.wait_for(lambda e: e.kind == "exec" and e.pid == fork.pid)
     assert shell.uid == nobody
+
+
+def test_refused_connect_record_is_blocked() -> None:
+    sensor, collector = offline()
+    body = ebpf.NET.pack(2, 4444, 3, bytes([127, 0, 0, 1]) + bytes(12))
+    sensor._record(head(ebpf.K_CONNECT, aux=-1) + body)
+    event = collector.events[0]
+    assert (event.outcome, event.port) == ("blocked", 4444)
+    assert event.extra == {"fd": 3, "error": "EPERM"}
+
+
+# --- Blocking, in the real kernel, only for what the test created ------------------
+
+
+@pytest.fixture
+def own_cgroup() -> Iterator[Path]:
+    """A cgroup v2 directory of the test's own, removed after it."""
+    root = ebpf.cgroup2_root()
+    if root is None:
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    path = Path(root) / f"immune-test-{os.getpid()}-{os.urandom(3).hex()}"
+    path.mkdir()
+    yield path
+    path.rmdir()
+
+
+def blocking_sensor(
+    policy: dict, **options: object
+) -> tuple[EbpfSensor, EventCollector]:
+    collector = EventCollector()
+    store = PolicyStore()
+    store.replace(parse({"files": {"paths": []}} | policy))
+    sensor = EbpfSensor(agent_id="a", host="h", emit=collector, policy=store, **options)
+    return sensor, collector
+
+
+CONNECT_ERRNO = """
+import socket, sys
+try:
+    socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5).close()
+    print(0)
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+@pytest.mark.root
+@needs_root
+def test_live_connect_to_a_blocked_port_is_refused_with_eperm(own_cgroup) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        sensor, collector = blocking_sensor(
+            {"ports": {"mode": "block", "ports": [port]}}, cgroup=str(own_cgroup)
+        )
+        procs = own_cgroup / "cgroup.procs"
+
+        def run_connect(in_cgroup: bool) -> subprocess.Popen[bytes]:
+            def enter() -> None:
+                if in_cgroup:
+                    procs.write_text(str(os.getpid()))
+
+            return subprocess.Popen(
+                [sys.executable, "-c", CONNECT_ERRNO, str(port)],
+                stdout=subprocess.PIPE,
+                preexec_fn=enter,
+            )
+
+        with sensor:
+            inside = run_connect(True)
+            assert int(inside.communicate(timeout=30)[0]) == errno.EPERM
+            # Outside the cgroup nothing is refused, only reported.
+            outside = run_connect(False)
+            assert int(outside.communicate(timeout=30)[0]) == 0
+            refused = collector.wait_for(
+                lambda e: e.kind == "connect" and e.pid == inside.pid
+            )
+            allowed = collector.wait_for(
+                lambda e: e.kind == "connect" and e.pid == outside.pid
+            )
+    assert (refused.outcome, refused.port, refused.addr) == (
+        "blocked",
+        port,
+        "127.0.0.1",
+    )
+    assert allowed.outcome == "allowed"
+
+
+SETUID_ROOT = """
+import errno
+import os
+os.setresuid(0, 65534, 0)  # drop the effective uid, keep root saved
+os.seteuid(0)              # and take it back: non-root to root
+print("still running as", os.geteuid(), flush=True)
+"""
+
+
+@pytest.mark.root
+@needs_root
+def test_live_setuid_to_root_is_killed_in_block_mode() -> None:
+    sensor, collector = blocking_sensor(
+        {"setuid": {"mode": "block"}}, block_scope_ppid=os.getpid()
+    )
+    with sensor:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SETUID_ROOT], stdout=subprocess.PIPE
+        )
+        out, _ = proc.communicate(timeout=30)
+        event = collector.wait_for(
+            lambda e: e.kind == "setuid" and e.pid == proc.pid and e.euid == 0
+        )
+    assert proc.returncode == -9 and out == b""
+    assert (event.old_euid, event.outcome) == (65534, "blocked")
+    assert event.extra is not None and event.extra["enforced"] == "killed"
+
+
+@pytest.mark.root
+@needs_root
+def test_live_setuid_to_root_is_only_reported_in_audit_mode() -> None:
+    sensor, collector = blocking_sensor({}, block_scope_ppid=os.getpid())
+    with sensor:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SETUID_ROOT], stdout=subprocess.PIPE
+        )
+        out, _ = proc.communicate(timeout=30)
+        event = collector.wait_for(
+            lambda e: e.kind == "setuid" and e.pid == proc.pid and e.euid == 0
+        )
+    assert proc.returncode == 0 and out == b"still running as 0\n"
+    assert event.outcome == "allowed"

@@ -9,6 +9,13 @@ reported whole. Opens are filtered in the kernel against the policy's
 watched files, which this sensor writes into the ``watched`` and
 ``prefixes`` maps whenever the policy changes.
 
+Blocking, where the policy says so: a connect to a blocked port is refused
+with EPERM by ``cgroup/connect4`` and ``connect6`` programs attached to the
+root of the cgroup v2 hierarchy (or to ``cgroup``); a change of effective
+uid from non-root to root is answered with SIGKILL from the call's exit
+tracepoint, before the process runs another instruction (a kernel without
+the BPF LSM, like this one, offers no hook to refuse it outright).
+
 Needs root (CAP_BPF and CAP_PERFMON), a kernel with BTF, tracefs mounted
 (``mount -t tracefs nodev /sys/kernel/tracing``), and clang, bpftool and
 libbpf-dev to build the object the first time.
@@ -16,6 +23,7 @@ libbpf-dev to build the object the first time.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -24,6 +32,8 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from immune.agent import libbpf
 from immune.agent.cnproc import exit_code
@@ -108,6 +118,10 @@ class EbpfSensor(Sensor):
     Args:
         policy: where the watched files come from (the agent's store).
         object_path: a compiled object to load instead of building one.
+        cgroup: the cgroup v2 directory whose processes blocked ports are
+            refused to (the hierarchy's root when None).
+        block_scope_ppid: when set, the setuid rule kills only children of
+            this process (tests).
         **common: as for :class:`~immune.agent.sensors.Sensor`.
     """
 
@@ -118,14 +132,20 @@ class EbpfSensor(Sensor):
         *,
         policy: PolicyStore | None = None,
         object_path: str | None = None,
+        cgroup: str | None = None,
+        block_scope_ppid: int = 0,
         **common: Any,
     ) -> None:
         super().__init__(**common)
         self.policy = policy or current()
         self.object_path = object_path
+        self.cgroup = cgroup
+        self.block_scope_ppid = block_scope_ppid
+        self._cgroup_links: list[int] = []
         self.bpf: libbpf.BpfObject | None = None
         self.ring: libbpf.RingBuffer | None = None
         self._exes: OrderedDict[int, str] = OrderedDict()
+        self._ports: frozenset[int] = frozenset()
         self._watched: set[bytes] = set()
         self._offset = 0
         self._own = os.getpid()
@@ -143,7 +163,6 @@ class EbpfSensor(Sensor):
         try:
             path = self.object_path or str(libbpf.build())
             self.bpf = libbpf.BpfObject(Path(path))
-            self._configure()
             self.ring = libbpf.RingBuffer(self.bpf.map_fd("events"), self._record)
         except libbpf.BpfError as exc:
             self.close()
@@ -151,15 +170,37 @@ class EbpfSensor(Sensor):
         self.policy.subscribe(self._watch)
         self._watch(self.policy.rules)
 
-    def _configure(self) -> None:
+    def _configure(self, rules: Rules) -> None:
         assert self.bpf is not None
-        fd = self.bpf.map_fd("settings")
-        self.bpf.update(fd, struct.pack("=I", 0), struct.pack("=II", self._own, 1))
+        block_root = rules.policy.setuid.mode == "block"
+        settings = struct.pack("=IIII", self._own, 1, block_root, self.block_scope_ppid)
+        self.bpf.update(self.bpf.map_fd("settings"), struct.pack("=I", 0), settings)
+        fd = self.bpf.map_fd("blocked_ports")
+        wanted = rules.ports if rules.policy.ports.mode == "block" else frozenset()
+        for port in self._ports - wanted:
+            self.bpf.delete(fd, struct.pack("=H", port))
+        for port in wanted - self._ports:
+            self.bpf.update(fd, struct.pack("=H", port), b"\1")
+        self._ports = wanted
+        if wanted and not self._cgroup_links:
+            self._attach_refusals()
+
+    def _attach_refusals(self) -> None:
+        assert self.bpf is not None
+        path = self.cgroup or cgroup2_root()
+        if path is None:
+            logger.warning("Blocked ports are not refused: no cgroup v2 mount.")
+            return
+        try:
+            self._cgroup_links = self.bpf.attach_cgroup(path)
+        except libbpf.BpfError as exc:
+            logger.warning("Blocked ports are not refused: %s.", exc)
 
     def _watch(self, rules: Rules) -> None:
-        """Write the policy's watched files and directories into the maps."""
+        """Write the policy's watched files, ports and settings into the maps."""
         if self.bpf is None:
             return
+        self._configure(rules)
         fd = self.bpf.map_fd("watched")
         keys = {
             p.encode()[: PATH_LEN - 1].ljust(PATH_LEN, b"\0")
@@ -189,6 +230,7 @@ class EbpfSensor(Sensor):
             self.ring.free()
             self.ring = None
         if self.bpf is not None:
+            self.bpf.detach(self._cgroup_links)
             self.bpf.close()
             self.bpf = None
 
@@ -235,10 +277,7 @@ class EbpfSensor(Sensor):
                 return event
             return self._event(head, "fork", pid=child, ppid=head.pid)
         if head.kind in (K_CONNECT, K_BIND):
-            family, port, fd, raw = NET.unpack_from(body)
-            addr, fam = address(family, raw)
-            kind = "connect" if head.kind == K_CONNECT else "bind"
-            return self._event(head, kind, addr=addr, port=port, family=fam, fd=fd)
+            return self._net(head, body)
         if head.kind == K_OPEN:
             flags, _, path = OPEN.unpack_from(body)
             return self._event(head, "open", path=_text(path), flags=flags)
@@ -256,6 +295,18 @@ class EbpfSensor(Sensor):
         extra = {} if full else {"truncated": "argv: first 1024 bytes"}
         return self._event(head, "exec", exe=exe, argv=argv, **extra)
 
+    def _net(self, head: Head, body: bytes) -> Event:
+        family, port, fd, raw = NET.unpack_from(body)
+        addr, fam = address(family, raw)
+        kind = "connect" if head.kind == K_CONNECT else "bind"
+        fields: dict[str, Any] = {"addr": addr, "port": port, "family": fam, "fd": fd}
+        if head.aux < 0:
+            fields["error"] = errno.errorcode.get(-head.aux, str(-head.aux))
+        event = self._event(head, kind, **fields)
+        if head.aux == -errno.EPERM:
+            return msgspec.structs.replace(event, outcome="blocked")
+        return event
+
     def _cred(self, head: Head, body: bytes) -> Event:
         call, old_uid, old_euid, a0, a1, a2, ret, _ = CRED.unpack_from(body)
         extra: dict[str, Any] = {"call": CALLS.get(call, str(call)), "ret": ret}
@@ -264,7 +315,12 @@ class EbpfSensor(Sensor):
         extra["args"] = ",".join(map(str, ids))
         if call >= 4:
             extra["gid"] = head.gid
-        return self._event(head, "setuid", old_euid=old_euid, old_uid=old_uid, **extra)
+        if head.aux == -errno.EPERM:
+            extra["enforced"] = "killed"
+        event = self._event(head, "setuid", old_euid=old_euid, old_uid=old_uid, **extra)
+        if head.aux == -errno.EPERM:
+            return msgspec.structs.replace(event, outcome="blocked")
+        return event
 
     def _event(self, head: Head, kind: str, **fields: Any) -> Event:
         known = {"pid", "ppid", "exe", "argv", "addr", "port", "family", "path"}
@@ -291,6 +347,19 @@ class EbpfSensor(Sensor):
             extra=extra or None,
             **core,
         )
+
+
+def cgroup2_root() -> str | None:
+    """Where the cgroup v2 hierarchy is mounted (None if it is not)."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as mounts:
+            for line in mounts:
+                parts = line.split()
+                if len(parts) > 2 and parts[2] == "cgroup2":
+                    return parts[1]
+    except OSError:
+        pass
+    return None
 
 
 def _proc_exe(pid: int) -> str | None:

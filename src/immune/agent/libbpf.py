@@ -154,6 +154,8 @@ def lib() -> ctypes.CDLL:
         "bpf_object__find_map_fd_by_name": (ip, [vp, cp]),
         "bpf_program__name": (cp, [vp]),
         "bpf_program__attach": (vp, [vp]),
+        "bpf_program__attach_cgroup": (vp, [vp, ip]),
+        "bpf_program__section_name": (cp, [vp]),
         "bpf_link__destroy": (ip, [vp]),
         "bpf_map_update_elem": (ip, [ip, vp, vp, ctypes.c_uint64]),
         "bpf_map_lookup_elem": (ip, [ip, vp, vp]),
@@ -226,15 +228,56 @@ class BpfObject:
             self.close()
             raise
 
-    def _attach_all(self) -> None:
+    def _programs(self) -> list[tuple[int, str]]:
+        found = []
         prog = self.lib.bpf_object__next_program(self.obj, None)
         while prog:
+            found.append((prog, self.lib.bpf_program__section_name(prog).decode()))
+            prog = self.lib.bpf_object__next_program(self.obj, prog)
+        return found
+
+    def _attach_all(self) -> None:
+        """Attach every program but the cgroup ones (see attach_cgroup)."""
+        for prog, section in self._programs():
+            if section.startswith("cgroup/"):
+                continue
             link = self.lib.bpf_program__attach(prog)
             if not link:
                 name = self.lib.bpf_program__name(prog).decode()
                 raise _errno_error(f"cannot attach BPF program {name}")
             self.links.append(link)
-            prog = self.lib.bpf_object__next_program(self.obj, prog)
+
+    def attach_cgroup(self, path: str) -> list[int]:
+        """Attach the cgroup programs to the cgroup (v2) directory ``path``.
+
+        Returns:
+            Their links, for :meth:`detach`.
+
+        Raises:
+            BpfError: the cgroup cannot be opened or the kernel refused.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise BpfError(f"cannot open cgroup {path}: {exc.strerror}") from None
+        links: list[int] = []
+        try:
+            for prog, section in self._programs():
+                if not section.startswith("cgroup/"):
+                    continue
+                link = self.lib.bpf_program__attach_cgroup(prog, fd)
+                if not link:
+                    self.detach(links)
+                    raise _errno_error(f"cannot attach {section} to {path}")
+                links.append(link)
+        finally:
+            os.close(fd)
+        return links
+
+    def detach(self, links: list[int]) -> None:
+        for link in links:
+            self.lib.bpf_link__destroy(link)
+        links.clear()
 
     def map_fd(self, name: str) -> int:
         fd = int(self.lib.bpf_object__find_map_fd_by_name(self.obj, name.encode()))

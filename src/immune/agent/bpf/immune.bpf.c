@@ -20,6 +20,7 @@
 #define PREFIXES 8
 #define AF_INET 2
 #define AF_INET6 10
+#define EPERM 1
 
 enum kind {
 	K_EXEC = 1,
@@ -97,6 +98,10 @@ struct cred_rec {
 struct config {
 	__u32 agent_tgid;
 	__u32 watch_opens;
+	/* Refuse a change of effective uid from non-root to root. */
+	__u32 block_setuid_root;
+	/* When not 0, refuse only for the children of this process (tests). */
+	__u32 block_scope_ppid;
 };
 
 struct prefix {
@@ -142,6 +147,14 @@ struct {
 	__type(key, __u32);
 	__type(value, struct prefix);
 } prefixes SEC(".maps");
+
+/* Remote ports whose connects are refused (BPF LSM), in host order. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u16);
+	__type(value, __u8);
+} blocked_ports SEC(".maps");
 
 /* Scratch space for a path, too big for the 512-byte stack. */
 struct {
@@ -294,54 +307,109 @@ int BPF_PROG(on_exit, struct task_struct *p)
 
 /* --- Network ------------------------------------------------------------ */
 
-static __always_inline int on_sockaddr(struct trace_event_raw_sys_enter *ctx,
-				       __u32 kind)
+/* Whether the current process is one the blocking rules apply to. */
+static __always_inline int in_block_scope(struct config *cfg)
+{
+	struct task_struct *task;
+
+	if (!cfg->block_scope_ppid)
+		return 1;
+	task = (struct task_struct *)bpf_get_current_task();
+	return BPF_CORE_READ(task, real_parent, tgid) == cfg->block_scope_ppid;
+}
+
+
+struct pending_net {
+	__u16 family;
+	__u16 port;
+	__s32 fd;
+	__u8 addr[16];
+};
+
+/* A connect or bind between its entry and its exit, by thread id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct pending_net);
+} pending_net SEC(".maps");
+
+/* Keep the address at entry; report it at exit with the call's result. */
+static __always_inline int net_enter(struct trace_event_raw_sys_enter *ctx)
 {
 	const void *uaddr = (const void *)ctx->args[1];
-	struct net_rec *rec;
-	__u16 family = 0;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct pending_net pn = {};
 
 	if (is_agent())
 		return 0;
-	if (bpf_probe_read_user(&family, sizeof(family), uaddr))
+	if (bpf_probe_read_user(&pn.family, sizeof(pn.family), uaddr))
 		return 0;
-	if (family != AF_INET && family != AF_INET6)
-		return 0;
-	rec = reserve(sizeof(*rec));
-	if (!rec)
-		return 0;
-	fill_head(&rec->h, kind);
-	rec->family = family;
-	rec->fd = (__s32)ctx->args[0];
-	__builtin_memset(rec->addr, 0, sizeof(rec->addr));
-	rec->port = 0;
-	if (family == AF_INET) {
+	if (pn.family == AF_INET) {
 		struct sockaddr_in sin = {};
 
 		bpf_probe_read_user(&sin, sizeof(sin), uaddr);
-		rec->port = __builtin_bswap16(sin.sin_port);
-		__builtin_memcpy(rec->addr, &sin.sin_addr, 4);
-	} else {
+		pn.port = __builtin_bswap16(sin.sin_port);
+		__builtin_memcpy(pn.addr, &sin.sin_addr, 4);
+	} else if (pn.family == AF_INET6) {
 		struct sockaddr_in6 sin6 = {};
 
 		bpf_probe_read_user(&sin6, sizeof(sin6), uaddr);
-		rec->port = __builtin_bswap16(sin6.sin6_port);
-		__builtin_memcpy(rec->addr, &sin6.sin6_addr, 16);
+		pn.port = __builtin_bswap16(sin6.sin6_port);
+		__builtin_memcpy(pn.addr, &sin6.sin6_addr, 16);
+	} else {
+		return 0;
 	}
-	bpf_ringbuf_submit(rec, 0);
+	pn.fd = (__s32)ctx->args[0];
+	bpf_map_update_elem(&pending_net, &tid, &pn, BPF_ANY);
+	return 0;
+}
+
+static __always_inline int net_exit(struct trace_event_raw_sys_exit *ctx,
+				    __u32 kind)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct pending_net *pn = bpf_map_lookup_elem(&pending_net, &tid);
+	struct net_rec *rec;
+
+	if (!pn)
+		return 0;
+	rec = reserve(sizeof(*rec));
+	if (rec) {
+		fill_head(&rec->h, kind);
+		rec->h.aux = ctx->ret;
+		rec->family = pn->family;
+		rec->port = pn->port;
+		rec->fd = pn->fd;
+		__builtin_memcpy(rec->addr, pn->addr, 16);
+		bpf_ringbuf_submit(rec, 0);
+	}
+	bpf_map_delete_elem(&pending_net, &tid);
 	return 0;
 }
 
 SEC("tracepoint/syscalls/sys_enter_connect")
 int on_connect(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_sockaddr(ctx, K_CONNECT);
+	return net_enter(ctx);
+}
+
+SEC("tracepoint/syscalls/sys_exit_connect")
+int on_connect_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return net_exit(ctx, K_CONNECT);
 }
 
 SEC("tracepoint/syscalls/sys_enter_bind")
 int on_bind(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_sockaddr(ctx, K_BIND);
+	return net_enter(ctx);
+}
+
+SEC("tracepoint/syscalls/sys_exit_bind")
+int on_bind_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return net_exit(ctx, K_BIND);
 }
 
 /* --- Opens of watched paths --------------------------------------------- */
@@ -450,6 +518,17 @@ static __always_inline int cred_enter(struct trace_event_raw_sys_enter *ctx,
 	return 0;
 }
 
+static __always_inline int refuse_root(struct pending_cred *pc, __u32 euid)
+{
+	struct config *cfg = get_config();
+
+	if (!cfg || !cfg->block_setuid_root)
+		return 0;
+	if (pc->old_euid == 0 || euid != 0)
+		return 0;
+	return in_block_scope(cfg);
+}
+
 static __always_inline int cred_exit(struct trace_event_raw_sys_exit *ctx)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
@@ -461,6 +540,11 @@ static __always_inline int cred_exit(struct trace_event_raw_sys_exit *ctx)
 	rec = reserve(sizeof(*rec));
 	if (rec) {
 		fill_head(&rec->h, K_CRED);
+		if (refuse_root(pc, rec->h.euid)) {
+			/* No LSM hook to refuse it: kill before it returns. */
+			bpf_send_signal(9);
+			rec->h.aux = -EPERM;
+		}
 		rec->call = pc->call;
 		rec->old_uid = pc->old_uid;
 		rec->old_euid = pc->old_euid;
@@ -492,3 +576,33 @@ CRED_HOOKS(setresuid, C_SETRESUID, 3)
 CRED_HOOKS(setgid, C_SETGID, 1)
 CRED_HOOKS(setregid, C_SETREGID, 2)
 CRED_HOOKS(setresgid, C_SETRESGID, 3)
+
+/* --- Refusals ----------------------------------------------------------- */
+
+/*
+ * Connects to a blocked port: cgroup programs, attached by the agent to a
+ * cgroup (the root of the cgroup v2 hierarchy, or the tests' own), refuse
+ * them with EPERM. 0 refuses, 1 allows.
+ */
+static __always_inline int refuse_sockaddr(struct bpf_sock_addr *ctx)
+{
+	__u16 port = __builtin_bswap16((__u16)ctx->user_port);
+	struct config *cfg = get_config();
+
+	if (!cfg || cfg->agent_tgid == bpf_get_current_pid_tgid() >> 32)
+		return 1;
+	/* The connect's exit tracepoint reports it, with EPERM. */
+	return bpf_map_lookup_elem(&blocked_ports, &port) ? 0 : 1;
+}
+
+SEC("cgroup/connect4")
+int refuse_connect4(struct bpf_sock_addr *ctx)
+{
+	return refuse_sockaddr(ctx);
+}
+
+SEC("cgroup/connect6")
+int refuse_connect6(struct bpf_sock_addr *ctx)
+{
+	return refuse_sockaddr(ctx);
+}
