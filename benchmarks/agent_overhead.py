@@ -174,7 +174,8 @@ async def with_agent(args: argparse.Namespace, url: str) -> dict[str, float]:
         await asyncio.sleep(1.5)  # one more heartbeat
     finally:
         agent.terminate()
-        agent.wait(30)
+        _, _, usage = await asyncio.to_thread(os.wait4, agent.pid, 0)
+        agent.returncode = 0
         listen.cancel()
     return {
         "seconds": took,
@@ -182,6 +183,8 @@ async def with_agent(args: argparse.Namespace, url: str) -> dict[str, float]:
         "events_per_s": got / span if span > 0 else 0.0,
         "all_kinds": sum(counter.kinds.values()),
         **storm,
+        "agent_cpu_s": usage.ru_utime + usage.ru_stime,
+        "agent_rss_mb": usage.ru_maxrss / 1024,
         "log": str(log),  # type: ignore[dict-item]
         "heartbeat": counter.heartbeat,  # type: ignore[dict-item]
     }
@@ -208,12 +211,14 @@ async def measure(args: argparse.Namespace) -> int:
 
 async def measure_with(args: argparse.Namespace, url: str) -> int:
     exec_loop(200, "warm-up")
+    # Pairs, each a run without the agent then one with it, so that the
+    # load of other tenants weighs on both halves of a ratio alike.
     without: list[float] = []
     with_: list[dict[str, float]] = []
     for _ in range(args.runs):
         without.append(exec_loop(args.execs, "baseline"))
         with_.append(await with_agent(args, url))
-    without.append(exec_loop(args.execs, "baseline"))
+    ratios = [r["seconds"] / b for r, b in zip(with_, without, strict=True)]
 
     base = statistics.median(without)
     timed = statistics.median(r["seconds"] for r in with_)
@@ -224,7 +229,12 @@ async def measure_with(args: argparse.Namespace, url: str) -> int:
     print(f"sensors: {args.sensors}; {args.execs} execs of {TRUE}, {args.runs} runs")
     print(f"without agent: {base:.3f} s  {[round(t, 3) for t in without]}")
     print(f"with agent:    {timed:.3f} s  {[round(r['seconds'], 3) for r in with_]}")
-    print(f"ratio:         {timed / base:.2f}")
+    print(f"ratio per pair: {[round(r, 2) for r in ratios]}")
+    print(f"ratio:         {statistics.median(ratios):.2f} (median of the pairs)")
+    print(f"fastest runs:  {min(r['seconds'] for r in with_) / min(without):.2f}")
+    cpu = [round(r["agent_cpu_s"], 2) for r in with_]
+    rss = [round(r["agent_rss_mb"]) for r in with_]
+    print(f"agent CPU s per run (all phases): {cpu}, max RSS MB: {rss}")
     print(f"exec events received: {[int(r['received']) for r in with_]}")
     rounded = [round(r) for r in rates]
     print(f"events/s forwarded (execs): {statistics.median(rates):,.0f} {rounded}")
