@@ -386,3 +386,16 @@ def test_live_setuid_to_root_is_only_reported_in_audit_mode() -> None:
         )
     assert proc.returncode == 0 and out == b"still running as 0\n"
     assert event.outcome == "allowed"
+
+
+@pytest.mark.root
+@needs_root
+def test_live_exec_by_a_relative_path_gets_the_absolute_exe(live, tmp_path) -> None:
+    _, collector = live
+    shutil.copy2("/bin/sleep", tmp_path / "sleepy")
+    proc = subprocess.Popen(["./sleepy", "0.3"], cwd=tmp_path)
+    try:
+        event = collector.wait_for(lambda e: e.kind == "exec" and e.pid == proc.pid)
+    finally:
+        proc.wait()
+    assert event.exe == str(tmp_path / "sleepy")

@@ -288,6 +288,9 @@ class EbpfSensor(Sensor):
     def _exec(self, head: Head, body: bytes) -> Event:
         name_len, args_len, full, _, name, args = EXEC.unpack_from(body)
         exe = name[:name_len].decode(errors="replace")
+        if not exe.startswith("/"):
+            # Run by a relative path ("./x"): the kernel's link is absolute.
+            exe = _proc_exe(head.pid) or exe
         self._exes[head.pid] = exe
         if len(self._exes) > EXE_CACHE:
             self._exes.popitem(last=False)
