@@ -13,10 +13,11 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
-from sensing import EventCollector
+from sensing import EventCollector, open_or_skip
 
 from immune.agent import audit
 from immune.agent.audit import AuditSensor, messages, rule
@@ -52,7 +53,7 @@ def live() -> Iterator[tuple[AuditSensor, EventCollector]]:
     sensor = AuditSensor(
         agent_id="a", host="h", emit=collector, policy=store, scope_ppid=os.getpid()
     )
-    sensor.open()
+    open_or_skip(sensor)
     before = sensor.before
     assert before is not None
     sensor.start()
@@ -100,3 +101,24 @@ def test_live_connect_reports_address_and_port(live) -> None:
         assert proc.wait() == 0
     event = collector.wait_for(lambda e: e.kind == "connect" and e.pid == proc.pid)
     assert (event.addr, event.port, event.family) == ("127.0.0.1", 4444, "inet")
+
+
+@pytest.mark.root
+def test_live_watches_follow_the_policy(live, tmp_path) -> None:
+    sensor, collector = live
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    sensor.policy.replace(parse({"files": {"paths": [str(secret)]}}))
+
+    def watching() -> bool:
+        return any(str(secret).encode() in data for data in sensor.rules)
+
+    deadline = time.monotonic() + 5
+    while not watching() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert watching()
+    assert len(sensor.rules) == 2  # the calls, and the new file's watch only
+    proc = subprocess.Popen(["cat", str(secret)], stdout=subprocess.DEVNULL)
+    assert proc.wait() == 0
+    opened = collector.wait_for(lambda e: e.kind == "open" and e.pid == proc.pid)
+    assert opened.path == str(secret)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pwd
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sensing import EventCollector
+from sensing import EventCollector, open_or_skip
 
 from immune.agent import ebpf, libbpf
 from immune.agent.ebpf import EbpfSensor, address, split_args
@@ -138,7 +139,7 @@ def live() -> Iterator[tuple[EbpfSensor, EventCollector]]:
     collector = EventCollector()
     store = PolicyStore()
     sensor = EbpfSensor(agent_id="a", host="h", emit=collector, policy=store)
-    sensor.open()
+    open_or_skip(sensor)
     sensor.start()
     yield sensor, collector
     sensor.stop()
@@ -288,7 +289,18 @@ def blocking_sensor(
     store = PolicyStore()
     store.replace(parse({"files": {"paths": []}} | policy))
     sensor = EbpfSensor(agent_id="a", host="h", emit=collector, policy=store, **options)
+    open_or_skip(sensor)
     return sensor, collector
+
+
+@contextlib.contextmanager
+def running(sensor: EbpfSensor) -> Iterator[None]:
+    """Run an opened sensor for the block, and stop it after."""
+    sensor.start()
+    try:
+        yield
+    finally:
+        sensor.stop()
 
 
 CONNECT_ERRNO = """
@@ -324,7 +336,7 @@ def test_live_connect_to_a_blocked_port_is_refused_with_eperm(own_cgroup) -> Non
                 preexec_fn=enter,
             )
 
-        with sensor:
+        with running(sensor):
             inside = run_connect(True)
             assert int(inside.communicate(timeout=30)[0]) == errno.EPERM
             # Outside the cgroup nothing is refused, only reported.
@@ -359,7 +371,7 @@ def test_live_setuid_to_root_is_killed_in_block_mode() -> None:
     sensor, collector = blocking_sensor(
         {"setuid": {"mode": "block"}}, block_scope_ppid=os.getpid()
     )
-    with sensor:
+    with running(sensor):
         proc = subprocess.Popen(
             [sys.executable, "-c", SETUID_ROOT], stdout=subprocess.PIPE
         )
@@ -376,7 +388,7 @@ def test_live_setuid_to_root_is_killed_in_block_mode() -> None:
 @needs_root
 def test_live_setuid_to_root_is_only_reported_in_audit_mode() -> None:
     sensor, collector = blocking_sensor({}, block_scope_ppid=os.getpid())
-    with sensor:
+    with running(sensor):
         proc = subprocess.Popen(
             [sys.executable, "-c", SETUID_ROOT], stdout=subprocess.PIPE
         )

@@ -22,10 +22,11 @@ import os
 import select
 import socket
 import struct
+import threading
 from typing import Any
 
 from immune.agent.auditlog import ARCH_X86_64, TYPES, Assembler, Record, parse_line
-from immune.agent.policy import PolicyStore, current
+from immune.agent.policy import PolicyStore, Rules, current
 from immune.agent.sensors import Sensor
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class AuditSensor(Sensor):
         self.daemon = False
         self.seq = 0
         self.assembler = Assembler(agent_id=self.agent_id, host=self.host)
+        self._stale = threading.Event()
 
     def describe(self) -> str:
         how = "as the audit daemon" if self.daemon else "next to auditd (multicast)"
@@ -141,7 +143,7 @@ class AuditSensor(Sensor):
             status = self.status()
             self.before = status
             self._claim(status)
-            self._add_rules()
+            self._sync_rules()
         except OSError as exc:
             self.close()
             if exc.errno in (errno.EPERM, errno.EACCES):
@@ -174,7 +176,11 @@ class AuditSensor(Sensor):
             ready, _, _ = select.select([self.sock], [], [], 5.0)
             if not ready:
                 raise OSError(errno.ETIMEDOUT, f"no answer to audit request {kind}")
-            for mtype, seq, body in messages(self.sock.recv(65536)):
+            data = self.sock.recv(1 << 20)
+            if self._is_record(data):
+                self._record(NLMSGHDR.unpack_from(data)[1], data[NLMSGHDR.size :])
+                continue
+            for mtype, seq, body in messages(data):
                 if seq != self.seq:
                     continue
                 if mtype == NLMSG_ERROR:
@@ -207,12 +213,20 @@ class AuditSensor(Sensor):
         self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, AUDIT_NLGRP_READLOG)
         self._set(AUDIT_STATUS_ENABLED, 1, 0, 0)
 
-    def _add_rules(self) -> None:
+    def _wanted(self) -> list[bytes]:
         wanted = [rule(syscalls=RULE_SYSCALLS, ppid=self.scope_ppid, key=self.key)]
         for path in self.policy.rules.watched_files():
             if os.path.exists(path):
                 wanted.append(rule(watch=path, ppid=self.scope_ppid, key=self.key))
-        for data in wanted:
+        return wanted
+
+    def _sync_rules(self) -> None:
+        """Make the kernel's rules of this sensor those the policy wants."""
+        wanted = self._wanted()
+        for data in [r for r in self.rules if r not in wanted]:
+            self.request(AUDIT_DEL_RULE, data)
+            self.rules.remove(data)
+        for data in [r for r in wanted if r not in self.rules]:
             try:
                 self.request(AUDIT_ADD_RULE, data)
             except FileExistsError:
@@ -242,9 +256,24 @@ class AuditSensor(Sensor):
 
     # --- The loop ---------------------------------------------------------------
 
+    @staticmethod
+    def _is_record(data: bytes) -> bool:
+        return len(data) >= NLMSGHDR.size and NLMSGHDR.unpack_from(data)[1] >= 1100
+
+    def _changed(self, _rules: Rules) -> None:
+        # The socket is the sensor thread's: it updates the rules itself.
+        self._stale.set()
+
     def _run(self) -> None:
         assert self.sock is not None
+        self.policy.subscribe(self._changed)
         while not self._stopping.is_set():
+            if self._stale.is_set():
+                self._stale.clear()
+                try:
+                    self._sync_rules()
+                except OSError as exc:
+                    logger.error("Audit rules not updated to the policy: %s.", exc)
             ready, _, _ = select.select([self.sock], [], [], 0.2)
             if not ready:
                 continue
@@ -257,7 +286,7 @@ class AuditSensor(Sensor):
                 raise
             # One record a datagram, whose nlmsg_len leaves out the header
             # (an old quirk of the kernel's audit, kept for auditd): use it all.
-            if len(data) >= NLMSGHDR.size:
+            if self._is_record(data):
                 mtype = NLMSGHDR.unpack_from(data)[1]
                 self._record(mtype, data[NLMSGHDR.size :])
 
