@@ -23,8 +23,8 @@ from rich.markup import escape
 from immune import topics
 from immune.agent.auditlog import Assembler, read_log
 from immune.config import Config
-from immune.errors import ConfigError, ImmuneError
-from immune.events import SCHEMA_VERSION, Event, encode, to_dict
+from immune.errors import ConfigError, EventError, ImmuneError
+from immune.events import SCHEMA_VERSION, Event, encode, parse_event, to_dict
 from immune.mqtt import client_kwargs, parse_url
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,13 @@ def events_of(path: Path, agent_id: str, errors: list[str]) -> Iterator[Event]:
     assembler = Assembler(agent_id=agent_id, host=agent_id, sensor="replay")
     try:
         with path.open(encoding="utf-8", errors="backslashreplace") as lines:
-            yield from read_log(lines, assembler, errors)
+            for event in read_log(lines, assembler, errors):
+                # What the hive would refuse is refused here, with its reason.
+                try:
+                    yield parse_event(to_dict(event))
+                except EventError as exc:
+                    serial = (event.extra or {}).get("audit_serial")
+                    errors.append(f"audit event {serial}: {exc}")
     except OSError as exc:
         raise ReplayError(f"cannot read {path}: {exc.strerror}") from None
 
@@ -119,14 +125,16 @@ def replay(
     else:
         count = asyncio.run(publish(_config(), agent_id, events))
     for line in errors[:SHOWN_ERRORS]:
-        err_console.print(f"[yellow]skipped[/] {escape(line)}", highlight=False)
+        err_console.print(
+            f"[yellow]skipped[/] {escape(line)}", highlight=False, soft_wrap=True
+        )
     if len(errors) > SHOWN_ERRORS:
-        err_console.print(f"[yellow]skipped[/] {len(errors) - SHOWN_ERRORS} more lines")
+        err_console.print(f"[yellow]skipped[/] {len(errors) - SHOWN_ERRORS} more")
     where = "printed" if as_json else f"sent as agent {agent_id}"
     (err_console if as_json else console).print(
-        f"{count} events {where} from {escape(str(file))}; "
-        f"{len(errors)} lines skipped.",
+        f"{count} events {where} from {escape(str(file))}; {len(errors)} skipped.",
         highlight=False,
+        soft_wrap=True,
     )
     if errors and count == 0:
         raise ReplayError(f"{file} holds no audit records; is it an audit.log?")

@@ -189,3 +189,27 @@ async def test_replay_publishes_to_the_hive_topic(
         bytes(message.payload), max_bytes=1 << 20, agent_id="replayed"
     )
     assert bad == [] and len(events) == 9
+
+
+def test_replay_refuses_what_the_hive_would_with_the_reason(tmp_path: Path) -> None:
+    log = tmp_path / "audit.log"
+    comm = "x" * 300  # longer than an event's comm may be
+    log.write_text(
+        "type=SYSCALL msg=audit(1.000:7): arch=c000003e syscall=49 success=yes "
+        f'exit=0 pid=5 comm="{comm}"\n'
+        "type=SYSCALL msg=audit(1.000:8): arch=c000003e syscall=49 success=yes "
+        "exit=0 pid=6\n"
+    )
+    result = CliRunner().invoke(app, ["replay", "--json", str(log)])
+    assert result.exit_code == 0, result.output
+    rows = [
+        orjson.loads(line) for line in result.stdout.splitlines() if line[:1] == "{"
+    ]
+    assert [r["pid"] for r in rows] == [6]
+    assert "audit event 7: Expected `str` of length <= 256" in result.output
+    assert "1 events printed" in result.output and "; 1 skipped." in result.output
+
+
+def test_long_execve_arguments_are_cut_to_what_an_event_holds() -> None:
+    fields = parse_fields(f'argc=1 a0="{"y" * 5000}"')
+    assert argv_of(fields) == ["y" * 4096]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import subprocess
 import time
 
@@ -171,3 +173,30 @@ def test_policy_file_is_reloaded_when_it_changes(tmp_path) -> None:
         assert store.refused == 1 and store.rules.ports == {9999}
     finally:
         store.close()
+
+
+async def test_sighup_reloads_the_policy_file(tmp_path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text("[ports]\nports = [4444]\n")
+    store = PolicyStore(path)
+    sensors = open_sensors(
+        ["proc"],
+        {"proc": {"interval": 0.05}},
+        policy=store,
+        agent_id="a",
+        host="h",
+        emit=EventCollector(),
+    )
+    sensors.start()
+    try:
+        # Within half a second: before the file watch first looks (after 1 s).
+        path.write_text("[ports]\nports = [9999]\n")
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(25):
+            if store.rules.ports == {9999}:
+                break
+            await asyncio.sleep(0.02)
+        assert store.rules.ports == {9999}
+    finally:
+        sensors.stop()
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL

@@ -68,6 +68,7 @@ SYSCALLS = {
     },
 }  # fmt: skip
 KIND_OF = {name: kind for kind, names in _KINDS.items() for name in names}
+MAX_ARG = 4096
 #: Groups waiting for more records; the oldest is completed beyond this.
 MAX_PENDING = 1024
 
@@ -146,13 +147,17 @@ def _id(raw: str | None) -> int | None:
 
 
 def argv_of(fields: dict[str, str]) -> list[str]:
-    """The arguments of an EXECVE record, joining split ones."""
+    """The arguments of an EXECVE record, joining split ones.
+
+    At most 1,024 arguments of at most 4,096 characters each are kept, the
+    most an event holds.
+    """
     argc = number(fields.get("argc")) or 0
     args: list[str] = []
     for index in range(min(argc, 1024)):
         key = f"a{index}"
         if key in fields:
-            args.append(value(fields[key]) or "")
+            args.append((value(fields[key]) or "")[:MAX_ARG])
             continue
         parts, chunk = [], 0
         while f"{key}[{chunk}]" in fields:
@@ -160,7 +165,7 @@ def argv_of(fields: dict[str, str]) -> list[str]:
             chunk += 1
         if parts:
             joined = "".join(p.strip('"') for p in parts)
-            args.append(value(joined) or "")
+            args.append((value(joined) or "")[:MAX_ARG])
     return args
 
 
