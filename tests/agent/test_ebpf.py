@@ -109,6 +109,16 @@ def test_short_record_is_counted_not_decoded() -> None:
     assert sensor.metrics.get("agent.sensor_bad_records") == 1
 
 
+def test_records_lost_in_the_kernel_are_counted_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sensor, _ = offline()
+    monkeypatch.setattr(sensor, "lost", lambda: 5)
+    assert sensor._count_lost(0) == 5
+    assert sensor._count_lost(5) == 5  # no new loss, nothing added
+    assert sensor.metrics.get("agent.sensor_overruns") == 5
+
+
 def test_unmounted_tracefs_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(libbpf, "TRACEFS", (Path("/nonexistent"),))
     monkeypatch.setattr(os, "geteuid", lambda: 0)

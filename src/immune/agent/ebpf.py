@@ -245,13 +245,22 @@ class EbpfSensor(Sensor):
 
     def _run(self) -> None:
         assert self.ring is not None
+        reported, last_check = 0, time.monotonic()
         while not self._stopping.is_set():
             self._offset = time.time_ns() - time.monotonic_ns()
             self.ring.poll(POLL_MS)
+            if time.monotonic() - last_check >= 1.0:
+                last_check = time.monotonic()
+                reported = self._count_lost(reported)
+        self._count_lost(reported)
+
+    def _count_lost(self, reported: int) -> int:
+        """Add the records lost since the last look to the overrun counter."""
         lost = self.lost()
-        if lost:
-            self.metrics.inc("agent.sensor_overruns", lost)
-            logger.warning("eBPF ring buffer was full: %d records lost.", lost)
+        if lost > reported:
+            self.metrics.inc("agent.sensor_overruns", lost - reported)
+            logger.warning("eBPF ring buffer full: %d records lost so far.", lost)
+        return max(lost, reported)
 
     # --- Records to events ----------------------------------------------------
 

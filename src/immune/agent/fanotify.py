@@ -135,7 +135,10 @@ class FanotifySensor(Sensor):
         self._wake_r, self._wake_w = -1, -1
 
     def describe(self) -> str:
-        what = "blocking" if self._blocking(self.policy.rules) else "reporting"
+        blocking = self._blocking(self.policy.rules)
+        if self.block_only and not blocking:
+            return "fanotify, idle until a rule is in block mode"
+        what = "blocking" if blocking else "reporting"
         return f"fanotify permission events ({what}, {self.scope} marks)"
 
     def open(self) -> None:
