@@ -307,18 +307,6 @@ int BPF_PROG(on_exit, struct task_struct *p)
 
 /* --- Network ------------------------------------------------------------ */
 
-/* Whether the current process is one the blocking rules apply to. */
-static __always_inline int in_block_scope(struct config *cfg)
-{
-	struct task_struct *task;
-
-	if (!cfg->block_scope_ppid)
-		return 1;
-	task = (struct task_struct *)bpf_get_current_task();
-	return BPF_CORE_READ(task, real_parent, tgid) == cfg->block_scope_ppid;
-}
-
-
 struct pending_net {
 	__u16 family;
 	__u16 port;
@@ -516,6 +504,17 @@ static __always_inline int cred_enter(struct trace_event_raw_sys_enter *ctx,
 		pc.arg[2] = ctx->args[2];
 	bpf_map_update_elem(&pending, &tid, &pc, BPF_ANY);
 	return 0;
+}
+
+/* Whether the current process is one the blocking rules apply to. */
+static __always_inline int in_block_scope(struct config *cfg)
+{
+	struct task_struct *task;
+
+	if (!cfg->block_scope_ppid)
+		return 1;
+	task = (struct task_struct *)bpf_get_current_task();
+	return BPF_CORE_READ(task, real_parent, tgid) == cfg->block_scope_ppid;
 }
 
 static __always_inline int refuse_root(struct pending_cred *pc, __u32 euid)
