@@ -200,3 +200,23 @@ async def test_sighup_reloads_the_policy_file(tmp_path) -> None:
     finally:
         sensors.stop()
     assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+
+
+@pytest.mark.root
+@needs_root
+def test_without_tracefs_the_agent_falls_back_to_cn_proc_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    from pathlib import Path
+
+    from immune.agent import libbpf
+
+    monkeypatch.setattr(libbpf, "TRACEFS", (Path("/nonexistent/tracing"),))
+    caplog.set_level(logging.INFO, "immune.agent.sensors")
+    sensors = open_sensors(
+        ["ebpf", "cn_proc", "proc"], agent_id="a", host="h", emit=EventCollector()
+    )
+    sensors.close()
+    assert sensors.names == ["cn_proc"]
+    assert "mount -t tracefs nodev /sys/kernel/tracing" in sensors.off["ebpf"]
+    assert "Sensor ebpf off: tracefs is not mounted" in caplog.text
