@@ -15,12 +15,11 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import re
 import threading
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -228,9 +227,8 @@ def _check_absolute(path: str, key: str) -> None:
 def _glob_match(pattern: str, path: str) -> bool:
     if not glob.has_magic(pattern):
         return pattern == path
-    # fnmatch's * crosses slashes; a path glob's must not.
-    parts = (re.escape(p).replace(r"\*", "[^/]*") for p in pattern.split("?"))
-    return re.fullmatch("[^/]".join(parts), path) is not None
+    # An absolute pattern matches the whole path, each * within one component.
+    return PurePosixPath(path).match(pattern)
 
 
 def _compile(patterns: list[str]) -> Any:
@@ -301,7 +299,11 @@ class PolicyStore:
 
     Args:
         path: the policy file, or None to keep the defaults in memory only.
-        metrics: counts ``policy.reloads`` and ``policy.refused``.
+            ``reloads`` and ``refused`` count the changes put in force and
+            the policies refused.
+
+    Raises:
+        PolicyError: the file exists but is not a valid policy.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
