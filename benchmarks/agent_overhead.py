@@ -130,6 +130,13 @@ class Counter:
                 self.last[argv[1]] = time.perf_counter()
 
 
+async def clear_status(counter: Counter, prefix: str) -> None:
+    """Leave the shared broker as found: clear the agent's retained status."""
+    async with aiomqtt.Client(counter.host, counter.port) as client:
+        topic = f"{prefix}/agents/bench-agent/status"
+        await client.publish(topic, b"", qos=1, retain=True)
+
+
 async def storm_rate(args: argparse.Namespace, counter: Counter) -> dict[str, float]:
     """Events/s delivered while a child makes connect calls flat out."""
     counter.storm_port = port = 40000 + int(uuid.uuid4().int % 20000)
@@ -177,6 +184,7 @@ async def with_agent(args: argparse.Namespace, url: str) -> dict[str, float]:
         _, _, usage = await asyncio.to_thread(os.wait4, agent.pid, 0)
         agent.returncode = 0
         listen.cancel()
+        await clear_status(counter, prefix)
     return {
         "seconds": took,
         "received": got,
