@@ -154,3 +154,47 @@ def test_an_internal_error_answers_allow(
         assert subprocess.run([str(exec_dir / "true")], check=False).returncode == 0
     assert sensor.metrics.get("agent.sensor_errors") == 1
     assert collector.events == []
+
+
+@pytest.fixture
+def own_mount() -> Iterator[Path]:
+    """A tmpfs of the test's own under /tmp, unmounted after it."""
+    directory = Path(tempfile.mkdtemp(prefix="immune-fanmnt-", dir="/tmp"))
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(directory)], check=True
+    )
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+        directory.rmdir()
+
+
+def test_mount_scope_also_covers_subdirectories(own_mount: Path) -> None:
+    nested = own_mount / "a" / "b"
+    nested.mkdir(parents=True)
+    shutil.copy2("/bin/true", nested / "true")
+    shutil.copy2("/bin/true", own_mount / "true")
+    collector = EventCollector()
+    store = PolicyStore()
+    store.replace(
+        parse(
+            {"exec": {"mode": "block", "paths": [str(nested)]}, "files": {"paths": []}}
+        )
+    )
+    sensor = FanotifySensor(
+        agent_id="a",
+        host="h",
+        emit=collector,
+        policy=store,
+        marks=[str(own_mount)],
+        scope="mount",
+    )
+    with sensor:
+        with pytest.raises(PermissionError):
+            subprocess.run([str(nested / "true")], check=False)
+        # Same mount, outside the rule's directory: allowed, not reported.
+        assert subprocess.run([str(own_mount / "true")], check=False).returncode == 0
+        event = collector.wait_for(lambda e: e.kind == "exec")
+    assert (event.exe, event.outcome) == (str(nested / "true"), "blocked")
+    assert len(collector.events) == 1
