@@ -326,6 +326,11 @@ def db_upgrade() -> None:
     console.print(f"Database {printable(cfg.hive.database)} is up to date.")
 
 
+from immune.cli_replay import replay  # noqa: E402  (it imports this module)
+
+app.command()(replay)
+
+
 def main() -> None:
     """Entry point: run the app, turning IMMUNE's errors into one line."""
     try:

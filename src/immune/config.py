@@ -78,8 +78,15 @@ class MqttConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Defaults to the host name.
     id: str = ""
-    #: Sensors in order of preference; the first that works is used.
-    sensors: list[str] = msgspec.field(default_factory=lambda: ["cn_proc", "proc"])
+    #: Sensors in order of preference: the first telemetry sensor that works
+    #: (ebpf, audit, cn_proc, proc) and every enforcement one (fanotify).
+    sensors: list[str] = msgspec.field(
+        default_factory=lambda: ["ebpf", "fanotify", "cn_proc", "proc"]
+    )
+    #: The local policy file (TOML, see docs/policy.md); empty: the defaults.
+    policy: str = ""
+    #: fanotify marks: "directory" (files directly in each) or "mount".
+    fanotify_scope: Literal["directory", "mount"] = "directory"
     batch_max_events: Positive = 500
     #: Largest MQTT message the agent sends; bigger batches are split. Keep
     #: it well under the hive's ``max_payload_bytes``.

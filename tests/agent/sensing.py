@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 
+import pytest
+
+from immune.agent.sensors import Sensor, SensorUnavailableError
 from immune.events import Event
 
 
@@ -28,3 +32,17 @@ class EventCollector:
         seen = [(e.kind, e.pid) for e in self.events[-20:]]
         assert found, f"no match among {len(self.events)} events; last: {seen}"
         return found
+
+
+def open_or_skip(sensor: Sensor) -> None:
+    """Open a kernel sensor, or skip with its reason (fail in CI).
+
+    The reason names what is missing ("needs root ...", "tracefs is not
+    mounted ..."); under IMMUNE_REQUIRE_SERVICES=1 a missing piece fails.
+    """
+    try:
+        sensor.open()
+    except SensorUnavailableError as exc:
+        if os.environ.get("IMMUNE_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{exc} (IMMUNE_REQUIRE_SERVICES=1)")
+        pytest.skip(str(exc))

@@ -173,13 +173,15 @@ async def test_agent_end_to_end(mqtt_broker: str, mqtt_prefix: str, tmp_path) ->
     assert registration["hostname"] == socket.gethostname()
     assert registration["kernel"] == os.uname().release
     assert registration["os"] == "Linux" and registration["version"] == __version__
-    assert registration["sensors"] == [agent.sensor.name]  # type: ignore[union-attr]
+    assert registration["sensors"] == agent.sensor.names  # type: ignore[union-attr]
     assert registration["started"] <= now_ns()
 
     assert exec_event["pid"] == child.pid
     assert exec_event["argv"] == [str(program), "0.6"]
     assert exec_event["agent_id"] == agent_id
-    assert "severity" not in exec_event  # the default, info: the hive judges
+    # The program lives under /tmp: the local policy's exec rule marks it.
+    assert exec_event["severity"] == "high"
+    assert exec_event["extra"]["rule"] == "exec_path"
     events = box.events()
     assert events[0]["kind"] == "agent_start" and events[-1]["kind"] == "agent_stop"
 

@@ -28,8 +28,9 @@ import msgspec
 
 import immune
 from immune import topics
+from immune.agent import policy
 from immune.agent.cnproc import CnProcSensor
-from immune.agent.sensors import Sensor, open_first
+from immune.agent.sensors import Sensor, open_sensors
 from immune.config import Config
 from immune.errors import ConfigError
 from immune.events import SCHEMA_VERSION, Event, encode, new_id, now_ns
@@ -48,6 +49,7 @@ COUNTERS = (
     "agent.dropped",
     "agent.sensor_overruns",
     "agent.reconnects",
+    "agent.blocked",
 )
 
 # Put in the queue after the last event: the batcher sends what is left, then
@@ -179,7 +181,9 @@ class Agent:
         exe of a 1 ms process was read 88% of the time with this thread at
         nice 0, 99% at nice -10. Returns what undoes it.
         """
-        if self.priority_boost is None or not isinstance(self.sensor, CnProcSensor):
+        sensors = getattr(self.sensor, "sensors", [self.sensor])
+        cn_proc = any(isinstance(sensor, CnProcSensor) for sensor in sensors)
+        if self.priority_boost is None or not cn_proc:
             return lambda: None
         tid = threading.get_native_id()
         try:
@@ -192,9 +196,15 @@ class Agent:
 
     def _open_sensor(self) -> Sensor:
         agent = self.config.agent
-        return open_first(
+        store = policy.PolicyStore(agent.policy or None)
+        policy.install(store)  # what the hive's `policy` command changes
+        return open_sensors(
             agent.sensors,
-            {"proc": {"interval": agent.proc_poll_interval}},
+            {
+                "proc": {"interval": agent.proc_poll_interval},
+                "fanotify": {"scope": agent.fanotify_scope},
+            },
+            policy=store,
             agent_id=self.agent_id,
             host=self.host,
             emit=self.emit,
@@ -344,7 +354,7 @@ class Agent:
             "hostname": self.host,
             **host_facts(),
             "version": immune.__version__,
-            "sensors": [self.sensor.name],
+            "sensors": self.sensor.names,
             "started": self._started_ns,
             "pid": os.getpid(),
         }
@@ -378,7 +388,11 @@ class Agent:
             "ts": now_ns(),
             "uptime": round(time.monotonic() - self._started, 3),
             "sensor": self.sensor.name if self.sensor else None,
-            "counters": {name: counters.get(name, 0) for name in COUNTERS},
+            "counters": {
+                name: value
+                for name, value in counters.items()
+                if name in COUNTERS or name.startswith("agent.sensor.")
+            },
             "queue": depth,
         }
 

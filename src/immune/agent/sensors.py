@@ -1,20 +1,34 @@
-"""What every sensor has in common, and how the agent picks one.
+"""What every sensor has in common, and how the agent picks them.
 
 A sensor watches the host on a thread of its own (kernel sockets and /proc
 are blocking interfaces, and a short-lived process must be read while it
 still exists) and hands each :class:`~immune.events.Event` to an ``emit``
 callback, on that thread. The agent's callback moves it to the event loop.
+
+The agent runs several at once (:func:`open_sensors`): the first *telemetry*
+sensor of its list that works on this host (eBPF, else the audit stream,
+else CN_PROC, else /proc polling) and every *enforcement* sensor that works
+(fanotify, which refuses execs and opens). Each one's events pass a
+:class:`Gate` on the way out, which applies the local policy (severity, the
+rule matched, a kill for a blocked command line) and the sensor's rate limit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+import msgspec
+
+from immune.agent.policy import PolicyStore, Rules, current
 from immune.errors import ImmuneError
-from immune.events import Event
+from immune.events import Event, Outcome
 from immune.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -74,6 +88,11 @@ class Sensor:
     def describe(self) -> str:
         """A short phrase for the log ("netlink process connector")."""
         return self.name
+
+    @property
+    def names(self) -> list[str]:
+        """The names of the sensors running under this one."""
+        return [self.name]
 
     def unavailable(self, reason: str) -> NoReturn:
         raise SensorUnavailableError(self.name, reason)
@@ -137,10 +156,16 @@ SensorFactory = Callable[..., Sensor]
 
 def registry() -> dict[str, SensorFactory]:
     """The sensors this agent knows, by the name used in ``[agent] sensors``."""
+    from immune.agent.audit import AuditSensor
     from immune.agent.cnproc import CnProcSensor
+    from immune.agent.ebpf import EbpfSensor
+    from immune.agent.fanotify import FanotifySensor
     from immune.agent.procfs import ProcPollSensor
 
-    return {CnProcSensor.name: CnProcSensor, ProcPollSensor.name: ProcPollSensor}
+    found: list[SensorFactory] = [EbpfSensor, FanotifySensor, AuditSensor]
+    found.append(CnProcSensor)
+    found.append(ProcPollSensor)
+    return {factory.name: factory for factory in found}  # type: ignore[attr-defined]
 
 
 def open_first(
@@ -186,3 +211,261 @@ def open_first(
             logger.info("Sensor %s running (%s).", name, sensor.describe())
         return sensor
     raise SensorUnavailableError(",".join(names) or "none", "; ".join(passed))
+
+
+# --- Several sensors at once ---------------------------------------------------
+
+#: Sensors that report what processes do; one of them runs, the first that works.
+TELEMETRY = ("ebpf", "audit", "cn_proc", "proc")
+#: Sensors that refuse what the policy blocks; each one that works runs too.
+ENFORCEMENT = ("fanotify",)
+DEFAULT_SENSORS = ["ebpf", "fanotify", "cn_proc", "proc"]
+#: The least time between two warnings about a sensor's rate limit.
+LIMIT_LOG_EVERY = 10.0
+
+
+class RateLimiter:
+    """A token bucket: ``rate`` events a second on average, ``burst`` at once.
+
+    Args:
+        rate: tokens added per second.
+        burst: the most tokens held.
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class Gate:
+    """What a sensor's events pass through: the local policy and a rate limit.
+
+    Counts ``agent.sensor.<name>.seen``, ``.sent``, ``.blocked`` and
+    ``.dropped``. An event a rule matched is never dropped by the limit.
+
+    Args:
+        sensor: the sensor's name.
+        emit: where events go next (the agent's callback).
+        policy: the rules in force.
+        metrics: where the counters go.
+    """
+
+    def __init__(
+        self,
+        sensor: str,
+        emit: Callable[[Event], None],
+        policy: PolicyStore,
+        metrics: Metrics,
+    ) -> None:
+        self.sensor = sensor
+        self.emit = emit
+        self.policy = policy
+        self.metrics = metrics
+        self.prefix = f"agent.sensor.{sensor}."
+        limits = policy.rules.policy.limits
+        self.limiter = RateLimiter(limits.events_per_second, limits.burst)
+        self._last_log = -LIMIT_LOG_EVERY
+        for counter in ("seen", "sent", "blocked", "dropped"):
+            metrics.inc(self.prefix + counter, 0)
+        policy.subscribe(self._limits)
+
+    def _limits(self, rules: Rules) -> None:
+        limits = rules.policy.limits
+        self.limiter = RateLimiter(limits.events_per_second, limits.burst)
+
+    def __call__(self, event: Event) -> None:
+        self.metrics.inc(self.prefix + "seen")
+        if event.extra is None or "rule" not in event.extra:
+            event = self._judge(event)
+        matched = event.extra is not None and "rule" in event.extra
+        if event.outcome == "blocked":
+            self.metrics.inc(self.prefix + "blocked")
+        if not matched and not self.limiter.allow():
+            self._drop()
+            return
+        self.metrics.inc(self.prefix + "sent")
+        self.emit(event)
+
+    def _drop(self) -> None:
+        self.metrics.inc(self.prefix + "dropped")
+        self.metrics.inc("agent.dropped")
+        now = time.monotonic()
+        if now - self._last_log >= LIMIT_LOG_EVERY:
+            self._last_log = now
+            logger.warning(
+                "Sensor %s over its rate limit: dropping events, %d so far.",
+                self.sensor,
+                self.metrics.get(self.prefix + "dropped"),
+            )
+
+    def _judge(self, event: Event) -> Event:
+        verdict = self.policy.rules.verdict(event)
+        if verdict is None:
+            return event
+        extra = dict(event.extra or {})
+        extra.update(rule=verdict.rule, mode=verdict.mode)
+        outcome = event.outcome
+        if verdict.block and verdict.rule == "reverse_shell" and event.pid:
+            # Already exec'd: the refusal is to kill it before it does more.
+            outcome, extra["enforced"] = kill(event.pid)
+        return msgspec.structs.replace(
+            event, severity=verdict.severity, outcome=outcome, extra=extra
+        )
+
+
+def kill(pid: int) -> tuple[Outcome, str]:
+    """SIGKILL a process a blocking rule matched; the outcome and what was done."""
+    if pid == os.getpid():
+        return "allowed", "not the agent itself"
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return "unknown", "already gone"
+    except OSError as exc:
+        return "unknown", f"kill failed: {exc.strerror}"
+    return "blocked", "killed"
+
+
+class SensorSet(Sensor):
+    """Several sensors run and stopped as one, for the agent.
+
+    Args:
+        sensors: the open sensors.
+        off: why each sensor of the list is not running, by name.
+        policy: the store the sensors read; reloaded on SIGHUP while running.
+    """
+
+    name = "set"
+
+    def __init__(
+        self,
+        sensors: list[Sensor],
+        off: dict[str, str],
+        policy: PolicyStore,
+        **common: Any,
+    ) -> None:
+        super().__init__(**common)
+        self.sensors = sensors
+        self.off = off
+        self.policy = policy
+        self.name = "+".join(s.name for s in sensors)
+        self._sighup: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sensors]
+
+    def describe(self) -> str:
+        return "; ".join(f"{s.name}: {s.describe()}" for s in self.sensors)
+
+    def start(self) -> None:
+        for sensor in self.sensors:
+            sensor.start()
+        self.policy.watch()
+        try:
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, self.policy.reload)
+            self._sighup = loop
+        except (RuntimeError, ValueError, NotImplementedError):
+            logger.debug("No SIGHUP handler: not on the main thread's event loop.")
+
+    @property
+    def running(self) -> bool:
+        return any(sensor.running for sensor in self.sensors)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for sensor in self.sensors:
+            sensor.stop(timeout)
+        self.policy.close()
+        # Only the main thread may change signal handlers; the agent stops
+        # its sensors once from a worker thread and again from the loop's.
+        main = threading.current_thread() is threading.main_thread()
+        if self._sighup is not None and main:
+            self._sighup.remove_signal_handler(signal.SIGHUP)
+            self._sighup = None
+
+    def close(self) -> None:
+        for sensor in self.sensors:
+            sensor.close()
+
+
+def open_sensors(
+    names: Sequence[str],
+    options: dict[str, dict[str, Any]] | None = None,
+    *,
+    policy: PolicyStore | None = None,
+    **common: Any,
+) -> SensorSet:
+    """Open the sensors of ``names`` this host allows, and say which and why.
+
+    The first telemetry sensor that works is opened and the later ones are
+    left off; each enforcement sensor that works is opened as well (with
+    ``block_only`` when a telemetry sensor already reports). The log says
+    which sensors run and why each other one is off.
+
+    Args:
+        names: sensor names in order of preference.
+        options: keyword arguments for one sensor, by name.
+        policy: the local policy (the default store when None).
+        **common: keyword arguments for every sensor (agent_id, host, emit,
+            metrics, on_error).
+
+    Raises:
+        SensorUnavailableError: no sensor works; the message has every reason.
+    """
+    known = registry()
+    options = options or {}
+    store = policy if policy is not None else current()
+    emit: Callable[[Event], None] = common.pop("emit")
+    metrics: Metrics = common.setdefault("metrics", Metrics())
+    running: list[Sensor] = []
+    off: dict[str, str] = {}
+    telemetry: str | None = None
+    for name in names:
+        factory = known.get(name)
+        if factory is None:
+            off[name] = f"unknown sensor (known: {', '.join(known)})"
+            continue
+        if name in TELEMETRY and telemetry is not None:
+            off[name] = f"not needed, {telemetry} reports process events"
+            continue
+        kwargs = dict(options.get(name, {}))
+        if name in ("ebpf", "fanotify", "audit"):
+            kwargs["policy"] = store
+        if name in ENFORCEMENT and telemetry is not None:
+            kwargs.setdefault("block_only", True)
+        gate = Gate(name, emit, store, metrics)
+        sensor = factory(emit=gate, **common, **kwargs)
+        try:
+            sensor.open()
+        except SensorUnavailableError as exc:
+            sensor.close()
+            off[name] = exc.reason
+            continue
+        running.append(sensor)
+        if name in TELEMETRY:
+            telemetry = name
+    if not running:
+        reasons = "; ".join(f"{n}: {why}" for n, why in off.items())
+        raise SensorUnavailableError(",".join(names) or "none", reasons)
+    _log_choice(running, off)
+    return SensorSet(running, off, store, emit=emit, **common)
+
+
+def _log_choice(running: list[Sensor], off: dict[str, str]) -> None:
+    on = "; ".join(f"{s.name} ({s.describe()})" for s in running)
+    logger.info("Sensors running: %s.", on)
+    for name, why in off.items():
+        log = logger.info if why.startswith("not needed") else logger.warning
+        log("Sensor %s off: %s.", name, why)
