@@ -53,13 +53,17 @@ async def test_store_writer_process_killed_loses_nothing(sqlite_url: str) -> Non
         await store.add_events(first)
         await wait_until(lambda: store.metrics.get("storage.events_written") == 100)
 
-        os.kill(_child_pid(store), signal.SIGKILL)
+        killed = _child_pid(store)
+        os.kill(killed, signal.SIGKILL)
         second = [make_event() for _ in range(300)]
         await store.add_events(second)
         await wait_until(lambda: store.metrics.get("storage.events_written") == 400)
 
+        # Whether the next write found the child dead or died with it, a new
+        # child wrote the rest, and nothing was lost or stored twice.
         assert store.counts()["events"] == 400
-        assert store.metrics.get("storage.flush_errors") >= 1
+        assert _child_pid(store) != killed
+        assert store.metrics.get("storage.writer_restarts") == 1
         assert store.pending == 0
     finally:
         await store.stop()

@@ -32,6 +32,7 @@ from sqlalchemy.engine import URL, Engine
 
 from immune.errors import StorageError
 from immune.events import Event
+from immune.metrics import Metrics
 from immune.storage.engine import is_transient, make_engine
 from immune.storage.writer import Batch, Outcome, Statements, db_reason, write_batch
 
@@ -104,11 +105,17 @@ class WriterProcess:
     Args:
         url: the database (a file or a server: the child opens its own).
         busy_timeout: seconds the child's SQLite connection waits for a lock.
+        metrics: where ``storage.writer_restarts`` counts new children
+            started after one died.
     """
 
-    def __init__(self, url: URL, *, busy_timeout: float) -> None:
+    def __init__(
+        self, url: URL, *, busy_timeout: float, metrics: Metrics | None = None
+    ) -> None:
         self.url = url
         self.busy_timeout = busy_timeout
+        self.metrics = metrics or Metrics()
+        self._started = 0
         self._lock = threading.Lock()
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
@@ -170,7 +177,8 @@ class WriterProcess:
         if self._conn is not None and self._process is not None:
             if self._process.is_alive():
                 return self._conn
-            self._reap()
+            code = self._reap()
+            logger.warning("The writer process died (exit code %s).", code)
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
         process = context.Process(
@@ -182,6 +190,9 @@ class WriterProcess:
         process.start()
         child.close()
         self._process, self._conn = process, parent
+        if self._started:
+            self.metrics.inc("storage.writer_restarts")
+        self._started += 1
         logger.debug("Writer process %s started.", process.pid)
         return parent
 

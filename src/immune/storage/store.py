@@ -83,7 +83,7 @@ class Store:
         self._reader = make_engine(self.url, writer=False, busy_timeout=busy_timeout)
         self._sql = Statements.for_dialect(self._writer.dialect.name)
         self._process = (
-            WriterProcess(self.url, busy_timeout=busy_timeout)
+            WriterProcess(self.url, busy_timeout=busy_timeout, metrics=self.metrics)
             if self.config.writer == "process"
             else None
         )
