@@ -1,0 +1,139 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * guest_probe: the test's hands inside the QEMU guest. Each command does one
+ * thing that a hook of the module sees and prints one line saying what the
+ * kernel answered, e.g. "RESULT connect pid=42 rc=-1 errno=1".
+ *
+ *   guest_probe [-u UID] exec PATH [ARG...]
+ *   guest_probe [-u UID] connect IPV4 PORT
+ *   guest_probe [-u UID] bind PORT
+ *   guest_probe [-u UID] open PATH
+ *   guest_probe setuid            (setresuid(1000, 1000, 0), then setuid(0))
+ *   guest_probe dump              (records of /dev/immune as hex lines)
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "../immune_uapi.h"
+
+static void result(const char *what, int rc, int err)
+{
+	printf("RESULT %s pid=%d rc=%d errno=%d euid=%d\n", what, getpid(), rc,
+	       rc < 0 ? err : 0, (int)geteuid());
+	fflush(stdout);
+}
+
+static int do_connect(const char *ip, int port)
+{
+	struct sockaddr_in sa = { .sin_family = AF_INET };
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	int rc;
+
+	sa.sin_port = htons(port);
+	inet_pton(AF_INET, ip, &sa.sin_addr);
+	rc = connect(fd, (struct sockaddr *)&sa, sizeof(sa));
+	result("connect", rc, errno);
+	close(fd);
+	return 0;
+}
+
+static int do_bind(int port)
+{
+	struct sockaddr_in sa = { .sin_family = AF_INET };
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	int rc;
+
+	sa.sin_port = htons(port);
+	sa.sin_addr.s_addr = htonl(INADDR_ANY);
+	rc = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
+	result("bind", rc, errno);
+	close(fd);
+	return 0;
+}
+
+static int do_setuid(void)
+{
+	int rc = setresuid(1000, 1000, 0);
+
+	if (rc) {
+		result("setresuid", rc, errno);
+		return 1;
+	}
+	rc = setuid(0);
+	result("setuid", rc, errno);
+	return 0;
+}
+
+static int do_dump(void)
+{
+	unsigned char buf[IMMUNE_RECORD_SIZE * 64];
+	int fd = open("/dev/immune", O_RDONLY | O_NONBLOCK);
+	ssize_t n, i;
+	int count = 0, k;
+
+	if (fd < 0) {
+		result("dump", fd, errno);
+		return 1;
+	}
+	while ((n = read(fd, buf, sizeof(buf))) > 0) {
+		for (i = 0; i + IMMUNE_RECORD_SIZE <= n;
+		     i += IMMUNE_RECORD_SIZE) {
+			fputs("REC ", stdout);
+			for (k = 0; k < IMMUNE_RECORD_SIZE; k++)
+				printf("%02x", buf[i + k]);
+			putchar('\n');
+			count++;
+		}
+	}
+	printf("DUMPED %d errno=%d\n", count, n < 0 ? errno : 0);
+	fflush(stdout);
+	close(fd);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	int i = 1;
+	int fd;
+
+	if (argc > 3 && !strcmp(argv[1], "-u")) {
+		int uid = atoi(argv[2]);
+
+		if (setresgid(uid, uid, uid) || setresuid(uid, uid, uid)) {
+			perror("setresuid");
+			return 2;
+		}
+		i = 3;
+	}
+	if (i >= argc)
+		return 2;
+	if (!strcmp(argv[i], "exec") && i + 1 < argc) {
+		fflush(stdout);
+		execv(argv[i + 1], argv + i + 1);
+		result("exec", -1, errno);
+		return 1;
+	}
+	if (!strcmp(argv[i], "connect") && i + 2 < argc)
+		return do_connect(argv[i + 1], atoi(argv[i + 2]));
+	if (!strcmp(argv[i], "bind") && i + 1 < argc)
+		return do_bind(atoi(argv[i + 1]));
+	if (!strcmp(argv[i], "open") && i + 1 < argc) {
+		fd = open(argv[i + 1], O_RDONLY);
+		result("open", fd, errno);
+		return 0;
+	}
+	if (!strcmp(argv[i], "setuid"))
+		return do_setuid();
+	if (!strcmp(argv[i], "dump"))
+		return do_dump();
+	fprintf(stderr, "guest_probe: unknown command %s\n", argv[i]);
+	return 2;
+}
