@@ -138,9 +138,14 @@ SensorFactory = Callable[..., Sensor]
 def registry() -> dict[str, SensorFactory]:
     """The sensors this agent knows, by the name used in ``[agent] sensors``."""
     from immune.agent.cnproc import CnProcSensor
+    from immune.agent.kmod import KmodSensor
     from immune.agent.procfs import ProcPollSensor
 
-    return {CnProcSensor.name: CnProcSensor, ProcPollSensor.name: ProcPollSensor}
+    return {
+        CnProcSensor.name: CnProcSensor,
+        ProcPollSensor.name: ProcPollSensor,
+        KmodSensor.name: KmodSensor,
+    }
 
 
 def open_first(
