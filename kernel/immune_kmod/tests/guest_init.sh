@@ -48,20 +48,40 @@ hooks audit
 echo 1 > $S/block_mode
 hooks block
 
+# The agent's policy, as immune.agent.kmod.apply_policy wrote it (the test
+# put those files in /policy), in the order it writes them.
 echo "STEP tunables"
-echo 7777 > $S/ports
-echo "RESULT ports_write rc=$?"
-echo "TUNABLE ports $(cat $S/ports)"
+for name in exec_dirs patterns files ports log_level monitor_network \
+	monitor_files monitor_credentials block_mode enabled; do
+	[ -f /policy/$name ] || continue
+	cat /policy/$name > $S/$name
+	echo "RESULT policy_$name rc=$?"
+done
+for name in enabled block_mode monitor_network monitor_files \
+	monitor_credentials log_level exec_dirs patterns files ports; do
+	echo "TUNABLE $name $(od -An -v -tx1 < $S/$name | tr -d ' \n')"
+done
 echo "bogus" > $S/ports
 echo "RESULT ports_bad rc=$?"
 echo "TUNABLE ports_after $(cat $S/ports)"
+echo "STEP tunables connect_4444"
 /bin/guest_probe connect 127.0.0.1 4444
+echo "STEP tunables connect_7777"
 /bin/guest_probe connect 127.0.0.1 7777
+echo "STEP tunables exec_tmp"
+/bin/guest_probe exec /tmp/dropper.sh
+echo "STEP tunables dump"
+/bin/guest_probe dump
 echo 0 > $S/enabled
+echo "STEP disabled exec_tmp"
 /bin/guest_probe exec /tmp/dropper.sh
 echo 1 > $S/enabled
-echo "TUNABLE stats $(tr '\n' ' ' < $S/stats)"
+echo "STEP disabled dump"
 /bin/guest_probe dump
+echo "STEP flood"
+/bin/guest_probe open /etc/shadow 1100
+echo "TUNABLE stats $(tr '\n' ' ' < $S/stats)"
+/bin/guest_probe count
 echo "STEP rmmod"
 rmmod immune
 echo "RESULT rmmod rc=$?"

@@ -7,9 +7,10 @@
  *   guest_probe [-u UID] exec PATH [ARG...]
  *   guest_probe [-u UID] connect IPV4 PORT
  *   guest_probe [-u UID] bind PORT
- *   guest_probe [-u UID] open PATH
+ *   guest_probe [-u UID] open PATH [COUNT]
  *   guest_probe setuid            (setresuid(1000, 1000, 0), then setuid(0))
  *   guest_probe dump              (records of /dev/immune as hex lines)
+ *   guest_probe count             (read them all, print how many)
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -72,7 +73,7 @@ static int do_setuid(void)
 	return 0;
 }
 
-static int do_dump(void)
+static int do_dump(int quiet)
 {
 	unsigned char buf[IMMUNE_RECORD_SIZE * 64];
 	int fd = open("/dev/immune", O_RDONLY | O_NONBLOCK);
@@ -86,14 +87,17 @@ static int do_dump(void)
 	while ((n = read(fd, buf, sizeof(buf))) > 0) {
 		for (i = 0; i + IMMUNE_RECORD_SIZE <= n;
 		     i += IMMUNE_RECORD_SIZE) {
+			count++;
+			if (quiet)
+				continue;
 			fputs("REC ", stdout);
 			for (k = 0; k < IMMUNE_RECORD_SIZE; k++)
 				printf("%02x", buf[i + k]);
 			putchar('\n');
-			count++;
 		}
 	}
-	printf("DUMPED %d errno=%d\n", count, n < 0 ? errno : 0);
+	printf("%s %d errno=%d\n", quiet ? "COUNTED" : "DUMPED", count,
+	       n < 0 ? errno : 0);
 	fflush(stdout);
 	close(fd);
 	return 0;
@@ -102,7 +106,7 @@ static int do_dump(void)
 int main(int argc, char **argv)
 {
 	int i = 1;
-	int fd;
+	int fd = -1;
 
 	if (argc > 3 && !strcmp(argv[1], "-u")) {
 		int uid = atoi(argv[2]);
@@ -126,14 +130,22 @@ int main(int argc, char **argv)
 	if (!strcmp(argv[i], "bind") && i + 1 < argc)
 		return do_bind(atoi(argv[i + 1]));
 	if (!strcmp(argv[i], "open") && i + 1 < argc) {
-		fd = open(argv[i + 1], O_RDONLY);
+		int times = i + 2 < argc ? atoi(argv[i + 2]) : 1;
+
+		while (times-- > 0) {
+			fd = open(argv[i + 1], O_RDONLY);
+			if (fd >= 0 && times)
+				close(fd);
+		}
 		result("open", fd, errno);
 		return 0;
 	}
 	if (!strcmp(argv[i], "setuid"))
 		return do_setuid();
 	if (!strcmp(argv[i], "dump"))
-		return do_dump();
+		return do_dump(0);
+	if (!strcmp(argv[i], "count"))
+		return do_dump(1);
 	fprintf(stderr, "guest_probe: unknown command %s\n", argv[i]);
 	return 2;
 }
