@@ -8,7 +8,15 @@
 #ifndef IMMUNE_UAPI_H
 #define IMMUNE_UAPI_H
 
+#if defined(__linux__)
 #include <linux/types.h>
+#else
+#include <sys/types.h>
+typedef uint64_t __u64;
+typedef uint32_t __u32;
+typedef uint16_t __u16;
+typedef uint8_t __u8;
+#endif
 
 #define IMMUNE_RECORD_VERSION	1
 #define IMMUNE_RECORD_SIZE	512
