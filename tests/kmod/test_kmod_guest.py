@@ -8,6 +8,7 @@ the module produced (``REC`` lines, decoded by the agent's decoder).
 from __future__ import annotations
 
 import errno
+import os
 
 import msgspec
 import pytest
@@ -224,8 +225,6 @@ def test_decoder_turns_guest_records_into_valid_events(guest: GuestRun):
 
 def test_sensor_reads_guest_records_from_a_device(guest: GuestRun, tmp_path):
     # The bytes the guest read from /dev/immune, served by a FIFO.
-    import os
-
     fifo = tmp_path / "immune"
     os.mkfifo(fifo)
     writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)

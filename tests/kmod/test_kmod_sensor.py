@@ -7,6 +7,7 @@ real module there.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from immune.agent.kmod import (
     to_event,
 )
 from immune.agent.sensors import SensorUnavailableError, open_first, registry
+from immune.config import AgentConfig
 from immune.metrics import Metrics
 
 
@@ -191,3 +193,38 @@ def test_record_layout_matches_the_header():
     header = (root / "kernel" / "immune_kmod" / "immune_uapi.h").read_text()
     assert f"#define IMMUNE_RECORD_SIZE\t{kmod.RECORD_SIZE}" in header
     assert f"#define IMMUNE_RECORD_VERSION\t{kmod.RECORD_VERSION}" in header
+
+
+def test_sensor_pushes_its_policy_when_it_opens(tmp_path: Path):
+    device = tmp_path / "immune"
+    os.mkfifo(device)
+    keep = os.open(device, os.O_RDWR | os.O_NONBLOCK)
+    (tmp_path / "sysfs").mkdir()
+    sysfs = _sysfs(tmp_path / "sysfs")
+    sensor = KmodSensor(
+        agent_id="a",
+        host="h",
+        emit=lambda e: None,
+        device=str(device),
+        sysfs=str(sysfs),
+        policy={"block_mode": True, "ports": [4444]},
+    )
+    try:
+        sensor.open()
+        assert (sysfs / "block_mode").read_text() == "1\n"
+        assert (sysfs / "ports").read_text() == "4444\n"
+    finally:
+        sensor.close()
+        os.close(keep)
+
+
+def test_bad_policy_in_the_agent_config_refused(tmp_path: Path):
+    config = AgentConfig(kmod_policy={"ports": [0]})
+    with pytest.raises(KmodError, match=r"ports\[0\]"):
+        open_first(
+            ["kmod"],
+            {"kmod": {"policy": config.kmod_policy}},
+            agent_id="a",
+            host="h",
+            emit=lambda e: None,
+        )

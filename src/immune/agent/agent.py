@@ -194,7 +194,10 @@ class Agent:
         agent = self.config.agent
         return open_first(
             agent.sensors,
-            {"proc": {"interval": agent.proc_poll_interval}},
+            {
+                "proc": {"interval": agent.proc_poll_interval},
+                "kmod": {"policy": agent.kmod_policy or None},
+            },
             agent_id=self.agent_id,
             host=self.host,
             emit=self.emit,
