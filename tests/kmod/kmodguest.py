@@ -70,8 +70,14 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+#: Debian's generic amd64 flavour (not -cloud-amd64 or -rt-amd64).
+HEADERS = re.compile(r"^linux-headers-(\d+\.\d+\.\d+-\d+)-amd64$")
+
+
 def _version_key(path: Path) -> list[int]:
-    return [int(x) for x in re.findall(r"\d+", path.name)]
+    match = HEADERS.match(path.name)
+    assert match is not None
+    return [int(x) for x in re.findall(r"\d+", match.group(1))]
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,14 @@ def find_tools() -> KernelTools:
     for tool, package in (("gcc", "gcc"), ("make", "make"), ("cpio", "cpio")):
         if shutil.which(tool) is None:
             unavailable(f"{tool} not found: apt-get install {package}")
-    found = sorted(Path("/usr/src").glob("linux-headers-*-amd64"), key=_version_key)
+    found = sorted(
+        (
+            p
+            for p in Path("/usr/src").glob("linux-headers-*-amd64")
+            if HEADERS.match(p.name)
+        ),
+        key=_version_key,
+    )
     if not found:
         unavailable("no Debian kernel headers: apt-get install linux-headers-amd64")
     headers = found[-1]

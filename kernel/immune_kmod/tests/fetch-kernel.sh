@@ -8,7 +8,8 @@
 set -euo pipefail
 
 cache=${IMMUNE_KMOD_CACHE:-/var/cache/immune-kmod}
-headers=$(find /usr/src -maxdepth 1 -name 'linux-headers-*-amd64' | sort -V | tail -n 1)
+headers=$(find /usr/src -maxdepth 1 -regextype posix-extended \
+    -regex '.*/linux-headers-[0-9.]+-[0-9]+-amd64' | sort -V | tail -n 1)
 if [ -z "$headers" ]; then
     echo "fetch-kernel: no /usr/src/linux-headers-*-amd64 (apt-get install linux-headers-amd64)" >&2
     exit 1
