@@ -15,7 +15,7 @@ def kernel_tools() -> KernelTools:
 @pytest.fixture(scope="session")
 def built(kernel_tools: KernelTools, tmp_path_factory: pytest.TempPathFactory) -> Built:
     """The module built against the headers, and the guest's probe."""
-    return build(kernel_tools, tmp_path_factory)
+    return build(kernel_tools, tmp_path_factory.mktemp("kmod"))
 
 
 @pytest.fixture(scope="session")
@@ -23,4 +23,4 @@ def guest(
     built: Built, kernel_tools: KernelTools, tmp_path_factory: pytest.TempPathFactory
 ) -> GuestRun:
     """One boot of the Debian kernel with the module: everything it printed."""
-    return boot(built, kernel_tools, tmp_path_factory)
+    return boot(built, kernel_tools, tmp_path_factory.mktemp("guest"))

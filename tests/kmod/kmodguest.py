@@ -150,9 +150,9 @@ class Built:
     build_log: str
 
 
-def build(kernel_tools: KernelTools, tmp_path_factory: pytest.TempPathFactory) -> Built:
+def build(kernel_tools: KernelTools, work: Path) -> Built:
     """Build the module and the guest's probe in a new directory."""
-    src = tmp_path_factory.mktemp("kmod") / "immune_kmod"
+    src = work / "immune_kmod"
     shutil.copytree(KMOD, src, ignore=shutil.ignore_patterns("*.o", "*.ko", ".*"))
     log = run(["make", f"KDIR={kernel_tools.headers}"], cwd=src)
     probe = src / "guest_probe"
@@ -224,7 +224,9 @@ def parse_console(console: str, returncode: int) -> GuestRun:
     return GuestRun(console, returncode, steps, tunables, raw, dmesg)
 
 
-def make_initramfs(built: Built, tools: KernelTools, root: Path) -> Path:
+def make_initramfs(
+    built: Built, tools: KernelTools, root: Path, init_script: Path
+) -> Path:
     """The guest's root: busybox, the probe, the module, the policy files."""
     for sub in ("bin", "etc", "proc", "sys", "dev", "tmp", "policy"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -232,7 +234,7 @@ def make_initramfs(built: Built, tools: KernelTools, root: Path) -> Path:
     shutil.copy2(built.probe, root / "bin" / "guest_probe")
     shutil.copy2(built.module, root / "immune.ko")
     init = root / "init"
-    shutil.copy2(KMOD / "tests" / "guest_init.sh", init)
+    shutil.copy2(init_script, init)
     init.chmod(0o755)
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
     (root / "etc" / "shadow").write_text("root:*:19000:0:99999:7:::\n")
@@ -252,12 +254,14 @@ def make_initramfs(built: Built, tools: KernelTools, root: Path) -> Path:
     return image
 
 
+GUEST_INIT = KMOD / "tests" / "guest_init.sh"
+
+
 def boot(
-    built: Built, kernel_tools: KernelTools, tmp_path_factory: pytest.TempPathFactory
+    built: Built, kernel_tools: KernelTools, work: Path, init_script: Path = GUEST_INIT
 ) -> GuestRun:
     """One boot of the Debian kernel with the module: everything it printed."""
-    work = tmp_path_factory.mktemp("guest")
-    image = make_initramfs(built, kernel_tools, work / "root")
+    image = make_initramfs(built, kernel_tools, work / "root", init_script)
     argv = [
         kernel_tools.qemu,
         "-accel", "tcg", "-m", "512", "-smp", "1",

@@ -11,6 +11,7 @@
  *   guest_probe setuid            (setresuid(1000, 1000, 0), then setuid(0))
  *   guest_probe dump              (records of /dev/immune as hex lines)
  *   guest_probe count             (read them all, print how many)
+ *   guest_probe bench open|connect|fork N [PATH]   (ns per operation)
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -21,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../immune_uapi.h"
@@ -103,6 +106,56 @@ static int do_dump(int quiet)
 	return 0;
 }
 
+static long long now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* One operation that a hook sees; returns 0 if it went as expected. */
+static int bench_once(const char *what, const char *path)
+{
+	struct sockaddr_in sa = { .sin_family = AF_INET };
+	pid_t pid;
+	int fd;
+
+	if (!strcmp(what, "open")) {
+		fd = open(path, O_RDONLY);
+		return fd < 0 ? -1 : close(fd);
+	}
+	if (!strcmp(what, "connect")) {
+		fd = socket(AF_INET, SOCK_STREAM, 0);
+		sa.sin_port = htons(8080);
+		sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+		connect(fd, (struct sockaddr *)&sa, sizeof(sa));
+		return close(fd);
+	}
+	pid = fork();
+	if (pid == 0)
+		_exit(0);
+	return pid < 0 ? -1 : (waitpid(pid, NULL, 0) == pid ? 0 : -1);
+}
+
+static int do_bench(const char *what, long n, const char *path)
+{
+	long long start;
+	long i;
+
+	start = now_ns();
+	for (i = 0; i < n; i++) {
+		if (bench_once(what, path)) {
+			result("bench", -1, errno);
+			return 1;
+		}
+	}
+	printf("BENCH %s n=%ld ns_per_op=%lld\n", what, n,
+	       (now_ns() - start) / (n ? n : 1));
+	fflush(stdout);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	int i = 1;
@@ -146,6 +199,9 @@ int main(int argc, char **argv)
 		return do_dump(0);
 	if (!strcmp(argv[i], "count"))
 		return do_dump(1);
+	if (!strcmp(argv[i], "bench") && i + 2 < argc)
+		return do_bench(argv[i + 1], atol(argv[i + 2]),
+				i + 3 < argc ? argv[i + 3] : "/etc/passwd");
 	fprintf(stderr, "guest_probe: unknown command %s\n", argv[i]);
 	return 2;
 }
