@@ -3,10 +3,11 @@
 Boots the test guest of tests/kmod (QEMU, TCG) with
 kernel/immune_kmod/tests/bench_init.sh as /init, which times opens of an
 ordinary file and of a sensitive one, connects and forks: without the
-module, with it in audit mode, and with it loaded but disabled. Each boot
+module, with it in audit mode, with it loaded but disabled, and after
+unloading it (after a warm-up round for QEMU's translation cache). Each boot
 prints ns per operation; the script repeats the boot and reports medians.
 TCG emulates the CPU, so absolute figures are far above a real machine's:
-read the ratios.
+read the ratios, and the "none" and "unloaded" columns for the drift.
 
     .venv/bin/python benchmarks/kmod_overhead.py --runs 3
 """
@@ -63,7 +64,7 @@ def main() -> None:
     for op in OPS:
         cells = []
         medians = {}
-        for phase in ("none", "audit", "disabled"):
+        for phase in ("none", "audit", "disabled", "unloaded"):
             values = [r[(phase, op)] for r in runs]
             medians[phase] = statistics.median(values)
             cells.append(f"{medians[phase]:,.0f} [{min(values):,}-{max(values):,}]")

@@ -1,7 +1,8 @@
 #!/bin/busybox sh
 # /init of the benchmark guest (benchmarks/kmod_overhead.py): the cost of
-# hooked operations without the module, with it in audit mode, and with it
-# loaded but disabled. Prints "PHASE name" then "BENCH ..." lines.
+# hooked operations without the module, with it in audit mode, with it
+# loaded but disabled, and after unloading it (a first round warms up
+# QEMU's translation cache). Prints "PHASE name" then "BENCH ..." lines.
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -19,6 +20,7 @@ bench() {
 	guest_probe bench fork $((N / 10))
 }
 
+bench warmup
 bench none
 insmod /immune.ko
 echo 0 > $S/log_level
@@ -26,4 +28,5 @@ bench audit
 echo 0 > $S/enabled
 bench disabled
 rmmod immune
+bench unloaded
 poweroff -f
