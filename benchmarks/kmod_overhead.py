@@ -59,8 +59,8 @@ def main() -> None:
             work.mkdir()
             runs.append(one_run(tools, built, work))
     print(f"kernel {tools.version}, {args.runs} boots, median [min-max] ns/op")
-    print("| operation | no module | audit | disabled | audit / none |")
-    print("|---|---|---|---|---|")
+    print("| operation | none | audit | disabled | unloaded | audit / none |")
+    print("|---|---|---|---|---|---|")
     for op in OPS:
         cells = []
         medians = {}
