@@ -28,8 +28,8 @@ from kmodguest import KMOD, boot, build, find_tools  # noqa: E402
 OPS = ("open /init", "open /etc/shadow", "connect", "fork")
 
 
-def one_run(tools, built, work: Path) -> dict[tuple[str, str], int]:
-    run = boot(built, tools, work, KMOD / "tests" / "bench_init.sh")
+def one_run(tools, built, work: Path, accel: str) -> dict[tuple[str, str], int]:
+    run = boot(built, tools, work, KMOD / "tests" / "bench_init.sh", accel)
     figures: dict[tuple[str, str], int] = {}
     phase = "?"
     opens = 0
@@ -49,6 +49,7 @@ def one_run(tools, built, work: Path) -> dict[tuple[str, str], int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--accel", default="tcg", help="QEMU accelerator (kvm)")
     args = parser.parse_args()
     tools = find_tools()
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,8 +58,11 @@ def main() -> None:
         for i in range(args.runs):
             work = Path(tmp) / f"run{i}"
             work.mkdir()
-            runs.append(one_run(tools, built, work))
-    print(f"kernel {tools.version}, {args.runs} boots, median [min-max] ns/op")
+            runs.append(one_run(tools, built, work, args.accel))
+    print(
+        f"kernel {tools.version}, {args.accel}, {args.runs} boots, "
+        "median [min-max] ns/op"
+    )
     print("| operation | none | audit | disabled | unloaded | audit / none |")
     print("|---|---|---|---|---|---|")
     for op in OPS:

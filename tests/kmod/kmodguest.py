@@ -258,13 +258,17 @@ GUEST_INIT = KMOD / "tests" / "guest_init.sh"
 
 
 def boot(
-    built: Built, kernel_tools: KernelTools, work: Path, init_script: Path = GUEST_INIT
+    built: Built,
+    kernel_tools: KernelTools,
+    work: Path,
+    init_script: Path = GUEST_INIT,
+    accel: str = "tcg",
 ) -> GuestRun:
     """One boot of the Debian kernel with the module: everything it printed."""
     image = make_initramfs(built, kernel_tools, work / "root", init_script)
     argv = [
         kernel_tools.qemu,
-        "-accel", "tcg", "-m", "512", "-smp", "1",
+        "-accel", accel, "-m", "512", "-smp", "1",
         "-kernel", str(kernel_tools.vmlinuz), "-initrd", str(image),
         "-append", "console=ttyS0 quiet loglevel=4 panic=-1",
         "-display", "none", "-serial", "stdio", "-monitor", "none",
