@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "kmod"))
 
-from kmodguest import KMOD, boot, build, find_tools  # noqa: E402
+from kmodguest import KMOD, boot, build, find_tools  # noqa: E402 (after sys.path)
 
 OPS = ("open /init", "open /etc/shadow", "connect", "fork")
 

@@ -786,30 +786,30 @@ static int __init imm_init(void)
 		return -ENOMEM;
 	err = misc_register(&imm_misc);
 	if (err)
-		goto free_ring;
+		goto err_free_ring;
 	for (i = 0; i < ARRAY_SIZE(imm_kretprobes); i++) {
 		imm_kretprobe_ptrs[i] = &imm_kretprobes[i];
 		err = register_kretprobe(&imm_kretprobes[i]);
 		if (err) {
 			pr_err("cannot hook %s: %d\n",
 			       imm_kretprobes[i].kp.symbol_name, err);
-			goto unhook;
+			goto err_unhook;
 		}
 	}
 	err = register_kprobe(&imm_bind_probe);
 	if (err) {
 		pr_err("cannot hook %s: %d\n", imm_bind_probe.symbol_name, err);
-		goto unhook;
+		goto err_unhook;
 	}
 	pr_info("loaded: 6 hooks, ring of %u records of %u bytes\n",
 		IMM_RING_RECORDS, IMMUNE_RECORD_SIZE);
 	return 0;
 
-unhook:
+err_unhook:
 	if (i)
 		unregister_kretprobes(imm_kretprobe_ptrs, i);
 	misc_deregister(&imm_misc);
-free_ring:
+err_free_ring:
 	vfree(ring.slots);
 	return err;
 }
