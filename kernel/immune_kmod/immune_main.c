@@ -51,7 +51,7 @@ static_assert(sizeof(struct immune_record) == IMMUNE_RECORD_SIZE);
 /* --- The ring ----------------------------------------------------------- */
 
 struct imm_ring {
-	spinlock_t lock;
+	spinlock_t lock;	/* guards all of the ring and its counters */
 	struct immune_record *slots;
 	unsigned int head;	/* next slot to read */
 	unsigned int count;	/* records held */

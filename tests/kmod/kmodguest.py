@@ -186,6 +186,7 @@ class GuestRun:
     tunables: dict[str, list[str]]
     raw_records: list[bytes]
     dmesg: list[str]
+    kernel_errors: list[str]
 
     def step(self, name: str) -> Step:
         assert name in self.steps, f"step {name} never ran:\n{self.console[-3000:]}"
@@ -202,6 +203,7 @@ def parse_console(console: str, returncode: int) -> GuestRun:
     tunables: dict[str, list[str]] = {}
     raw: list[bytes] = []
     dmesg: list[str] = []
+    errors: list[str] = []
     for line in console.replace("\r", "").split("\n"):
         tag, _, rest = line.partition(" ")
         if tag == "STEP":
@@ -219,9 +221,11 @@ def parse_console(console: str, returncode: int) -> GuestRun:
             tunables.setdefault(name, []).append(value)
         elif tag == "DMESG":
             dmesg.append(rest)
+        elif tag == "KERN":
+            errors.append(rest)
         else:
             current.output.append(line)
-    return GuestRun(console, returncode, steps, tunables, raw, dmesg)
+    return GuestRun(console, returncode, steps, tunables, raw, dmesg, errors)
 
 
 def make_initramfs(
@@ -268,7 +272,7 @@ def boot(
     image = make_initramfs(built, kernel_tools, work / "root", init_script)
     argv = [
         kernel_tools.qemu,
-        "-accel", accel, "-m", "512", "-smp", "1",
+        "-accel", accel, "-m", "512", "-smp", "2",
         "-kernel", str(kernel_tools.vmlinuz), "-initrd", str(image),
         "-append", "console=ttyS0 quiet loglevel=4 panic=-1",
         "-display", "none", "-serial", "stdio", "-monitor", "none",

@@ -78,6 +78,14 @@ echo "STEP disabled exec_tmp"
 echo 1 > $S/enabled
 echo "STEP disabled dump"
 /bin/guest_probe dump
+# Two CPUs: hooks fire on both while a reader drains the ring.
+echo "STEP stress"
+echo "TUNABLE cpus $(grep -c ^processor /proc/cpuinfo)"
+/bin/guest_probe drain 2 &
+/bin/guest_probe bench open 3000 /etc/shadow &
+/bin/guest_probe bench connect 1000 &
+/bin/guest_probe bench fork 300
+wait
 echo "STEP flood"
 /bin/guest_probe open /etc/shadow 1100
 echo "TUNABLE stats $(tr '\n' ' ' < $S/stats)"
@@ -86,5 +94,7 @@ echo "STEP rmmod"
 rmmod immune
 echo "RESULT rmmod rc=$?"
 dmesg | grep 'immune:' | sed 's/^/DMESG /'
+dmesg | grep -E 'WARNING|BUG|Oops|protection fault|lockup|stall' |
+	sed 's/^/KERN /'
 echo "STEP poweroff"
 poweroff -f

@@ -11,6 +11,8 @@
  *   guest_probe setuid            (setresuid(1000, 1000, 0), then setuid(0))
  *   guest_probe dump              (records of /dev/immune as hex lines)
  *   guest_probe count             (read them all, print how many)
+ *   guest_probe drain SECONDS     (read until SECONDS pass with no record,
+ *                                  checking that sequence numbers go up)
  *   guest_probe bench open|connect|fork N [PATH]   (ns per operation)
  */
 #define _GNU_SOURCE
@@ -21,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -101,6 +104,45 @@ static int do_dump(int quiet)
 	}
 	printf("%s %d errno=%d\n", quiet ? "COUNTED" : "DUMPED", count,
 	       n < 0 ? errno : 0);
+	fflush(stdout);
+	close(fd);
+	return 0;
+}
+
+static long long now_ns(void);
+
+static int do_drain(int seconds)
+{
+	unsigned char buf[IMMUNE_RECORD_SIZE * 64];
+	int fd = open("/dev/immune", O_RDONLY | O_NONBLOCK);
+	long long idle = seconds * 1000000000LL, end = now_ns() + idle;
+	struct pollfd pfd = { .fd = fd, .events = POLLIN };
+	struct immune_record rec;
+	__u64 last = 0;
+	int count = 0, bad = 0;
+	ssize_t n, i;
+
+	if (fd < 0) {
+		result("drain", fd, errno);
+		return 1;
+	}
+	while (now_ns() < end) {
+		if (poll(&pfd, 1, 100) <= 0)
+			continue;
+		n = read(fd, buf, sizeof(buf));
+		end = now_ns() + idle;
+		if (n % IMMUNE_RECORD_SIZE)
+			bad++;
+		for (i = 0; i + IMMUNE_RECORD_SIZE <= n;
+		     i += IMMUNE_RECORD_SIZE) {
+			memcpy(&rec, buf + i, sizeof(rec));
+			if (rec.seq <= last || rec.version != IMMUNE_RECORD_VERSION)
+				bad++;
+			last = rec.seq;
+			count++;
+		}
+	}
+	printf("DRAINED %d bad=%d\n", count, bad);
 	fflush(stdout);
 	close(fd);
 	return 0;
@@ -199,6 +241,8 @@ int main(int argc, char **argv)
 		return do_dump(0);
 	if (!strcmp(argv[i], "count"))
 		return do_dump(1);
+	if (!strcmp(argv[i], "drain") && i + 1 < argc)
+		return do_drain(atoi(argv[i + 1]));
 	if (!strcmp(argv[i], "bench") && i + 2 < argc)
 		return do_bench(argv[i + 1], atol(argv[i + 2]),
 				i + 3 < argc ? argv[i + 3] : "/etc/passwd");
