@@ -318,3 +318,15 @@ def test_full_ring_counts_drops(guest: GuestRun, tmp_path):
     assert stats["blocks"] == sum(r.outcome == "blocked" for r in dumped)
     assert stats["threats"] >= sum(bool(r.reasons) for r in dumped) + 1100
     assert stats["missed"] == 0
+
+
+def test_log_level_and_escaped_log_lines(guest: GuestRun):
+    # Level 1 (default): threats only, so the plain connect was not logged.
+    quiet = _pid(guest, "audit connect_ok", "connect")
+    assert not [line for line in guest.dmesg if f"(pid={quiet} " in line]
+    # Level 2 (the tuned policy): every record, the stress phase's too.
+    assert any("connect port 8080" in line for line in guest.dmesg)
+    # A newline in a file name is escaped, not a forged log line.
+    assert int(guest.step("block exec_newline").result("exec")["errno"]) == 1
+    assert any("exec /tmp/x\\nimmune: forged" in line for line in guest.dmesg)
+    assert not [line for line in guest.dmesg if line.startswith("immune: forged")]

@@ -113,7 +113,8 @@ static int imm_execve(struct sysmsg *msg, const void *args)
 	if (!policy.enabled)
 		return orig_execve(msg, args);
 	imm_fill(&rec, IMM_KIND_EXEC);
-	copyinstr(uap->fname, rec.path, sizeof(rec.path), &done);
+	if (copyinstr(uap->fname, rec.path, sizeof(rec.path), &done))
+		rec.path[sizeof(rec.path) - 1] = '\0';
 	imm_cmdline(&rec, uap->argv);
 	spin_lock(&imm_lock);
 	dir = imm_match_exec_dir(&policy, rec.path, strlen(rec.path));

@@ -47,6 +47,11 @@ echo 0 > $S/block_mode
 hooks audit
 echo 1 > $S/block_mode
 hooks block
+# A file name that would forge a line of the kernel log if not escaped.
+evil=$(printf '/tmp/x\nimmune: forged')
+cp /tmp/dropper.sh "$evil"
+echo "STEP block exec_newline"
+/bin/guest_probe exec "$evil"
 
 # The agent's policy, as immune.agent.kmod.apply_policy wrote it (the test
 # put those files in /policy), in the order it writes them.
