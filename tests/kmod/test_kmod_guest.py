@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 import msgspec
 import pytest
@@ -330,3 +331,33 @@ def test_log_level_and_escaped_log_lines(guest: GuestRun):
     assert int(guest.step("block exec_newline").result("exec")["errno"]) == 1
     assert any("exec /tmp/x\\nimmune: forged" in line for line in guest.dmesg)
     assert not [line for line in guest.dmesg if line.startswith("immune: forged")]
+
+
+def test_sensor_thread_streams_guest_records(guest: GuestRun, tmp_path):
+    fifo = tmp_path / "immune"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    got = threading.Event()
+    events: list[Event] = []
+
+    def emit(event: Event) -> None:
+        events.append(event)
+        if len(events) == 40:
+            got.set()
+
+    sensor = KmodSensor(agent_id="guest", host="qemu", emit=emit, device=str(fifo))
+    sensor.open()
+    sensor.start()
+    try:
+        # In bursts, as the module fills the ring; 8 records are 4,096
+        # bytes, which a pipe writes at once (PIPE_BUF), as the device does.
+        for i in range(0, 40, 8):
+            os.write(writer, b"".join(guest.raw_records[i : i + 8]))
+        assert got.wait(10), f"{len(events)} of 40 events"
+    finally:
+        sensor.stop()
+        os.close(writer)
+    assert not sensor.running and sensor.error is None
+    assert [e.extra["seq"] for e in events if e.extra] == [
+        r.seq for r in guest.records[:40]
+    ]

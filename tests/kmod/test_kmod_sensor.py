@@ -228,3 +228,24 @@ def test_bad_policy_in_the_agent_config_refused(tmp_path: Path):
             host="h",
             emit=lambda e: None,
         )
+
+
+def test_partial_read_from_the_device_counted(tmp_path: Path):
+    device = tmp_path / "immune"
+    os.mkfifo(device)
+    keep = os.open(device, os.O_RDWR | os.O_NONBLOCK)
+    events: list[object] = []
+    metrics = Metrics()
+    sensor = KmodSensor(
+        agent_id="a", host="h", emit=events.append, metrics=metrics, device=str(device)
+    )
+    sensor.open()
+    try:
+        os.write(keep, pack() + b"\0" * 100)
+        assert sensor.drain() == 1
+        assert sensor.drain() == 0  # nothing left: EAGAIN
+    finally:
+        sensor.close()
+        os.close(keep)
+    assert len(events) == 1
+    assert metrics.counters["agent.kmod_bad_records"] == 1

@@ -422,6 +422,13 @@ class KmodSensor(Sensor):
                 return 0
             raise
         count = len(data) // RECORD_SIZE
+        if len(data) % RECORD_SIZE:
+            # The module returns whole records only; say so if it did not.
+            self.metrics.inc("agent.kmod_bad_records")
+            logger.warning(
+                "Kmod read of %d bytes is not whole records; the tail is skipped.",
+                len(data),
+            )
         self.metrics.inc("agent.kmod_records", count)
         for i in range(0, count * RECORD_SIZE, RECORD_SIZE):
             self.handle(data[i : i + RECORD_SIZE])
