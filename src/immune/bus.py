@@ -24,6 +24,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from inspect import isawaitable
 from typing import Any
 
 from immune.errors import ImmuneError
@@ -220,7 +221,7 @@ class Bus:
         for sub in self.handlers_for(topic):
             try:
                 result = sub.handler(message)
-                if sub.is_async or inspect.isawaitable(result):
+                if sub.is_async or (result is not None and isawaitable(result)):
                     await result  # type: ignore[misc]  # checked just above
             except Exception as exc:  # noqa: BLE001 - one plugin must not stop others
                 await self._handler_failed(topic, message, sub, exc)

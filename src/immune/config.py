@@ -13,7 +13,7 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -47,6 +47,9 @@ class StorageConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     flush_interval: Seconds = 0.05
     #: Rows held in memory before writers wait (backpressure, never a drop).
     max_pending: Positive = 50_000
+    #: Where event rows are written: "process" (a child process with its own
+    #: connection, on another core) or "thread" (a thread of the hive).
+    writer: Literal["process", "thread"] = "process"
 
 
 class MqttConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

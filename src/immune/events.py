@@ -23,6 +23,8 @@ SCHEMA_VERSION = 1
 HOST_KINDS = ("exec", "fork", "exit", "connect", "bind", "open", "setuid")
 AGENT_KINDS = ("agent_start", "agent_stop", "sensor_error")
 KINDS = HOST_KINDS + AGENT_KINDS
+#: The bus topic of each kind (``event.<kind>``), looked up once per event.
+EVENT_TOPICS = {kind: f"event.{kind}" for kind in KINDS}
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
 
@@ -210,6 +212,15 @@ def decode_batch(
     if "events" not in top:
         items, prefix = [msgspec.Raw(payload)], "$"
     else:
+        # The usual batch is all good: decode it in one call, and go event by
+        # event only to find out which ones are bad.
+        try:
+            events = _events_decoder.decode(top["events"])
+        except msgspec.ValidationError:
+            pass
+        else:
+            if agent_id is None or all(e.agent_id == agent_id for e in events):
+                return events, []
         try:
             items = _list_decoder.decode(top["events"])
         except msgspec.ValidationError:
@@ -239,6 +250,7 @@ def decode_batch(
 _top_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _event_decoder = msgspec.json.Decoder(Event)
+_events_decoder = msgspec.json.Decoder(list[Event])
 
 
 def _not_an_object(payload: bytes) -> str:

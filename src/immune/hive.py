@@ -21,6 +21,7 @@ from immune.bus import Bus, Subscription
 from immune.config import Config
 from immune.errors import StorageError
 from immune.events import (
+    EVENT_TOPICS,
     SEVERITY_RANK,
     Alert,
     Event,
@@ -90,7 +91,7 @@ class Hive:
         self.started_ns = now_ns()
         await asyncio.to_thread(self.store.upgrade)
         await self.store.start()
-        self.bus.subscribe("event.#", self.store.add_event, owner="storage")
+        self.bus.subscribe("event.#", self.store.offer_event, owner="storage")
         self.bus.subscribe("alert.#", self.store.add_alert, owner="storage")
 
         self._load_plugins()
@@ -219,7 +220,7 @@ class Hive:
         # Runs of events from one agent (a whole MQTT batch, usually) cross
         # the bus as one publication.
         for agent_id, run in itertools.groupby(events, key=_agent_of):
-            items = [(event.topic, event) for event in run]
+            items = [(EVENT_TOPICS[event.kind], event) for event in run]
             await self.bus.publish_many(items, key=agent_id)
             self.metrics.inc("events.accepted", len(items))
 

@@ -2,11 +2,13 @@
 
 Events, alerts and dead letters are buffered and written in batches, one
 transaction per batch, from a worker thread, so the event loop never waits on
-the database. A batch is written when ``batch_size`` rows are pending or every
-``flush_interval`` seconds. Nothing is dropped: when the database is locked or
-gone, the rows stay pending and the write is retried with exponential backoff;
-when ``max_pending`` rows are pending, writers wait. A row the database
-refuses by itself becomes a dead letter with the database's reason.
+the database; by default the events' rows are built and inserted by a child
+process (:mod:`immune.storage.process`), on another core. A batch is written
+when ``batch_size`` rows are pending or every ``flush_interval`` seconds.
+Nothing is dropped: when the database is locked or gone, the rows stay
+pending and the write is retried with exponential backoff; when
+``max_pending`` rows are pending, writers wait. A row the database refuses by
+itself becomes a dead letter with the database's reason.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from itertools import islice
 from types import TracebackType
 from typing import Any, TypeVar
@@ -34,6 +36,7 @@ from immune.storage.engine import (
     make_engine,
     normalize_url,
 )
+from immune.storage.process import WriterProcess
 from immune.storage.writer import (
     Batch,
     Outcome,
@@ -79,6 +82,11 @@ class Store:
         self._writer = make_engine(self.url, writer=True, busy_timeout=busy_timeout)
         self._reader = make_engine(self.url, writer=False, busy_timeout=busy_timeout)
         self._sql = Statements.for_dialect(self._writer.dialect.name)
+        self._process = (
+            WriterProcess(self.url, busy_timeout=busy_timeout)
+            if self.config.writer == "process"
+            else None
+        )
         self._events: list[tuple[int, Event]] = []
         self._alerts: dict[str, Alert] = {}
         self._dead: list[Row] = []
@@ -144,11 +152,15 @@ class Store:
             self._wake.set()
             await task
         await self.flush()
+        if self._process is not None:
+            await asyncio.to_thread(self._process.close)
 
     def close(self) -> None:
         """Close the database connections (after :meth:`stop`)."""
         if self.pending:
             logger.warning("Closing storage with %d rows unwritten.", self.pending)
+        if self._process is not None:
+            self._process.close()
         self._writer.dispose()
         self._reader.dispose()
 
@@ -197,6 +209,19 @@ class Store:
             await self._wait_for_room()
         self._events.append((time.time_ns(), event))
         self._queued()
+
+    def offer_event(self, event: Event) -> Awaitable[None] | None:
+        """Queue an event at once if there is room, as :meth:`add_event` does.
+
+        Returns None when the event was queued, else the awaitable of
+        :meth:`add_event`, which waits for room. The hive subscribes this to
+        every event: the usual case then costs no coroutine.
+        """
+        if self.pending >= self.config.max_pending:
+            return self.add_event(event)
+        self._events.append((time.time_ns(), event))
+        self._queued()
+        return None
 
     async def add_events(self, events: Sequence[Event]) -> None:
         """Queue events (see :meth:`add_event`), waiting for room as needed."""
@@ -318,8 +343,9 @@ class Store:
         return batch
 
     async def _write_once(self, batch: Batch) -> tuple[BaseException | None, int]:
+        write = write_batch if self._process is None else self._process.write
         future = asyncio.ensure_future(
-            asyncio.to_thread(write_batch, self._writer, self._sql, batch)
+            asyncio.to_thread(write, self._writer, self._sql, batch)
         )
         try:
             await asyncio.wait((future,))

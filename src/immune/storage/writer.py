@@ -13,6 +13,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import msgspec
@@ -42,6 +43,9 @@ ALERT_UPDATES = "title severity agent_id host event_ids techniques description "
 ALERT_UPDATES += "count data"
 DEAD_LETTER_COLUMNS = "received_at source reason payload payload_size sha256".split()
 JSON_COLUMNS = frozenset({"argv", "data", "event_ids", "techniques"})
+#: Events inserted by one statement on SQLite (21 columns each: well under
+#: SQLite's limit of 32,766 parameters a statement).
+ROWS_PER_INSERT = 32
 #: Temporary table events are copied into on PostgreSQL.
 STAGING = "events_staging"
 #: Longest ``source`` of a dead letter (the column's length).
@@ -70,6 +74,7 @@ class Statements:
     dead_letters: str
     events_staging: str = ""
     events_copy: str = ""
+    events_multi: str = ""
 
     @classmethod
     def for_dialect(cls, name: str) -> Statements:
@@ -93,7 +98,9 @@ class Statements:
         dead_letters = insert("dead_letters", DEAD_LETTER_COLUMNS)
         if name != "postgresql":
             events = insert("events", EVENT_COLUMNS) + " ON CONFLICT (id) DO NOTHING"
-            return cls(name, events, alerts, dead_letters)
+            row = f"({values(EVENT_COLUMNS)})"
+            multi = events.replace(row, ", ".join([row] * ROWS_PER_INSERT))
+            return cls(name, events, alerts, dead_letters, events_multi=multi)
         names = ", ".join(EVENT_COLUMNS)
         return cls(
             name,
@@ -231,7 +238,7 @@ class Outcome:
 
 def _insert_events(conn: sa.Connection, sql: Statements, rows: list[Row]) -> int:
     if sql.dialect != "postgresql":
-        return conn.exec_driver_sql(sql.events, rows).rowcount
+        return _insert_events_sqlite(conn, sql, rows)
     conn.exec_driver_sql(sql.events_staging)
     dbapi = conn.dialect.loaded_dbapi
     driver: Any = conn.connection.driver_connection
@@ -247,6 +254,22 @@ def _insert_events(conn: sa.Connection, sql: Statements, rows: list[Row]) -> int
             sql.events_copy, None, err, dbapi.Error
         ) from err
     return conn.exec_driver_sql(sql.events).rowcount
+
+
+def _insert_events_sqlite(conn: sa.Connection, sql: Statements, rows: list[Row]) -> int:
+    # Rows go ROWS_PER_INSERT to a statement: the sqlite3 module releases and
+    # takes back the interpreter lock around every statement it steps, and
+    # taking it back waits for the event loop's thread, so one statement per
+    # row would make the writer wait on the hive once per event.
+    whole = len(rows) - len(rows) % ROWS_PER_INSERT
+    flat = [
+        tuple(chain.from_iterable(rows[start : start + ROWS_PER_INSERT]))
+        for start in range(0, whole, ROWS_PER_INSERT)
+    ]
+    written = conn.exec_driver_sql(sql.events_multi, flat).rowcount if flat else 0
+    if whole < len(rows):
+        written += conn.exec_driver_sql(sql.events, rows[whole:]).rowcount
+    return written
 
 
 def _write(conn: sa.Connection, sql: Statements, batch: Batch, out: Outcome) -> None:
