@@ -94,6 +94,9 @@ class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     batch_max_delay: Seconds = 0.2
     heartbeat_interval: Seconds = 30.0
     proc_poll_interval: Seconds = 0.25
+    #: Policy written into the kernel module's tunables when the ``kmod``
+    #: sensor opens (keys of ``immune.agent.kmod.KmodPolicy``); empty: as is.
+    kmod_policy: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

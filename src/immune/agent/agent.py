@@ -203,6 +203,7 @@ class Agent:
             {
                 "proc": {"interval": agent.proc_poll_interval},
                 "fanotify": {"scope": agent.fanotify_scope},
+                "kmod": {"policy": agent.kmod_policy or None},
             },
             policy=store,
             agent_id=self.agent_id,

@@ -160,11 +160,11 @@ def registry() -> dict[str, SensorFactory]:
     from immune.agent.cnproc import CnProcSensor
     from immune.agent.ebpf import EbpfSensor
     from immune.agent.fanotify import FanotifySensor
+    from immune.agent.kmod import KmodSensor
     from immune.agent.procfs import ProcPollSensor
 
-    found: list[SensorFactory] = [EbpfSensor, FanotifySensor, AuditSensor]
-    found.append(CnProcSensor)
-    found.append(ProcPollSensor)
+    found: list[SensorFactory] = [KmodSensor, EbpfSensor, FanotifySensor]
+    found += [AuditSensor, CnProcSensor, ProcPollSensor]
     return {factory.name: factory for factory in found}  # type: ignore[attr-defined]
 
 
@@ -216,7 +216,7 @@ def open_first(
 # --- Several sensors at once ---------------------------------------------------
 
 #: Sensors that report what processes do; one of them runs, the first that works.
-TELEMETRY = ("ebpf", "audit", "cn_proc", "proc")
+TELEMETRY = ("kmod", "ebpf", "audit", "cn_proc", "proc")
 #: Sensors that refuse what the policy blocks; each one that works runs too.
 ENFORCEMENT = ("fanotify",)
 DEFAULT_SENSORS = ["ebpf", "fanotify", "cn_proc", "proc"]
