@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -39,21 +40,31 @@ class Mosquitto:
     Args:
         directory: where its config, log and persistence file go.
         body: the config after the listener line (TLS, ACL, ...).
+        full: a whole config instead, its listener to be on ``{port}``.
     """
 
-    def __init__(self, directory: Path, body: str = "allow_anonymous true\n") -> None:
+    def __init__(
+        self, directory: Path, body: str = "allow_anonymous true\n", full: str = ""
+    ) -> None:
         self.directory = directory
         self.port = free_port()
         self.conf = directory / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            f"persistence true\npersistence_location {directory}/\n"
-            "autosave_interval 1\nmax_queued_messages 0\n"
-            "max_inflight_messages 0\n"
-            f"log_dest file {directory}/mosquitto.log\n"
-            "log_type error\nlog_type warning\nlog_type notice\n" + body,
-            encoding="utf-8",
+        log = f"log_dest file {directory}/mosquitto.log\nlog_type all\n"
+        if os.geteuid() == 0:
+            # Started as root, Mosquitto becomes user "mosquitto", who may not
+            # read the test's private directory and 0600 keys.
+            log += "user root\n"
+        text = (
+            full.replace("{port}", str(self.port)) + log
+            if full
+            else (
+                f"listener {self.port} 127.0.0.1\n"
+                f"persistence true\npersistence_location {directory}/\n"
+                "autosave_interval 1\nmax_queued_messages 0\n"
+                "max_inflight_messages 0\n" + log + body
+            )
         )
+        self.conf.write_text(text, encoding="utf-8")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -98,15 +109,15 @@ class Mosquitto:
 def mosquitto(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
     """Start private Mosquitto instances: ``mosquitto(body=...)``."""
     if shutil.which("mosquitto") is None:
-        if __import__("os").environ.get("IMMUNE_REQUIRE_SERVICES") == "1":
+        if os.environ.get("IMMUNE_REQUIRE_SERVICES") == "1":
             pytest.fail("the mosquitto binary is missing (IMMUNE_REQUIRE_SERVICES=1)")
         pytest.skip("the mosquitto binary is missing: apt-get install mosquitto")
     started: list[Mosquitto] = []
 
-    def start(body: str = "allow_anonymous true\n") -> Mosquitto:
+    def start(body: str = "allow_anonymous true\n", full: str = "") -> Mosquitto:
         directory = tmp_path / f"mosquitto-{len(started)}"
         directory.mkdir()
-        broker = Mosquitto(directory, body)
+        broker = Mosquitto(directory, body, full)
         broker.start()
         started.append(broker)
         return broker
