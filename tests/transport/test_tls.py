@@ -165,7 +165,9 @@ async def test_mutual_tls_end_to_end_and_acl_per_agent(
     address = parse_url(url)
     bare = ssl.create_default_context(cafile=str(certs / "ca.pem"))
     with pytest.raises(aiomqtt.MqttError):
-        async with aiomqtt.Client(address.host, address.port, tls_context=bare) as c:
+        async with aiomqtt.Client(
+            address.host, address.port, tls_context=bare, timeout=2
+        ) as c:
             await c.publish(
                 f"{PREFIX}/agents/agent-a/events", batch("agent-a", 3), qos=1
             )
