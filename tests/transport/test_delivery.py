@@ -12,6 +12,7 @@ import contextlib
 import sqlite3
 from pathlib import Path
 
+import orjson
 import pytest
 
 from immune.agent import Agent
@@ -212,3 +213,23 @@ async def test_delivery_broker_restart_mid_100k_stored_exactly_once(
     assert agent.metrics.get("agent.reconnects") >= 1
     assert hive.metrics.get("mqtt.disconnects") >= 1
     assert agent.metrics.get("agent.spool_dropped") == 0
+
+
+async def test_receipt_before_puback_leaves_nothing_in_flight(tmp_path: Path) -> None:
+    # A fast hive can store and receipt a batch before the broker's PUBACK
+    # reaches the agent: the batch must not stay "in flight" (it would hold
+    # a window slot until receipt_timeout).
+    config = agent_config(tmp_path, "mqtt://127.0.0.1:1", "p", spool_window=2)
+    agent = Agent(config)
+    agent.spool = agent._open_spool()
+    agent._append([agent.encode_event(marker(agent, n)) for n in range(3)])
+    agent._spooler_done = True
+    agent.shutdown_timeout = 0.2
+
+    class HiveBeforePuback:
+        async def publish(self, topic: str, payload: bytes, qos: int) -> None:
+            seq = orjson.loads(payload)["seq"]
+            agent._receipt(orjson.dumps({"v": 1, "seq": seq}))
+
+    await asyncio.wait_for(agent._batches(HiveBeforePuback()), 5)  # type: ignore[arg-type]
+    assert agent._inflight == {} and len(agent.spool) == 0

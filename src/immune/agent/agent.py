@@ -518,9 +518,11 @@ class Agent:
                     max_bytes=agent.batch_max_bytes - ENVELOPE_BYTES,
                 )
             if rows:
-                await client.publish(topic, self.batch_payload(rows), qos=1)
+                # In flight before the publish: the receipt may come back
+                # before the PUBACK does.
                 cursor = rows[-1][0]
                 self._inflight[cursor] = (rows[0][0], time.monotonic())
+                await client.publish(topic, self.batch_payload(rows), qos=1)
                 self.metrics.inc("agent.events_sent", len(rows))
                 self.metrics.inc("agent.batches_sent")
                 continue

@@ -48,7 +48,7 @@ MAX_AGENT_MESSAGE = 64 * 1024
 #: The least time between two flood alerts about one agent, in seconds.
 FLOOD_ALERT_EVERY = 60.0
 #: Seconds between two rounds of receipts (each after one storage flush).
-RECEIPT_INTERVAL = 0.05
+RECEIPT_INTERVAL = 0.02
 _LEAVES = (
     topics.EVENTS,
     topics.REGISTER,
@@ -360,10 +360,17 @@ class NetworkPlugin:
         if not receipts:
             return
         await self.hive.store.flush()
-        for agent_id, seq in receipts:
-            topic = topics.agent_topic(self.prefix, agent_id, topics.RECEIPTS)
-            payload = orjson.dumps({"v": 1, "agent_id": agent_id, "seq": list(seq)})
-            await client.publish(topic, payload, qos=1)
+        # All at once: each publish waits for its PUBACK.
+        await asyncio.gather(
+            *(
+                client.publish(
+                    topics.agent_topic(self.prefix, agent_id, topics.RECEIPTS),
+                    orjson.dumps({"v": 1, "agent_id": agent_id, "seq": list(seq)}),
+                    qos=1,
+                )
+                for agent_id, seq in receipts
+            )
+        )
         self.hive.metrics.inc("mqtt.receipts", len(receipts))
 
     async def _agent_message(
