@@ -299,3 +299,14 @@ async def test_command_send_invalid_is_a_dead_letter(tmp_path: Path) -> None:
     assert letter["source"] == "command.send" and "invalid command" in letter["reason"]
     assert hive.metrics.get("commands.invalid") == 1
     hive.store.close()
+
+
+def test_immune_up_gives_its_agent_the_hive_public_key(_state_dir: Path) -> None:
+    from immune.runner import _share_command_key
+
+    config = Config()
+    config.agent.id = "a1"
+    _share_command_key(config)
+    assert config.agent.command_public_key == str(_state_dir / "command.pub")
+    key = commands.load_or_create_key(_state_dir / "command.key")
+    assert runner(config).check(MINE, commands.sign(key, command()), now_ns())
