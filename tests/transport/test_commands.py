@@ -85,6 +85,7 @@ def test_command_signed_by_the_hive_is_accepted(keys) -> None:
             "too far ahead",
         ),
         (lambda k: b'{"v":1,"body":"{}","sig":""}', "malformed"),
+        (lambda k: b" " * 70_000, "exceeds"),
     ],
 )
 def test_command_refused_with_its_reason(keys, make, reason: str) -> None:
@@ -219,6 +220,23 @@ async def test_commands_end_to_end_ping_replay_expiry_foreign_key(
         assert hive.store.command(forged_id)["state"] == "refused"
         assert hive.store.command(forged_id)["error"] == "bad signature"
 
+        # Expired when it reaches the agent (held back by an attacker, say).
+        stale_id = new_id()
+        await hive.store.add_command(
+            agent_id, "ping", {}, command_id=stale_id, expires_ns=now_ns() - SECOND
+        )
+        stale = commands.Command(
+            id=stale_id,
+            agent_id=agent_id,
+            action="ping",
+            issued_ns=now_ns() - 2 * SECOND,
+            expires_ns=now_ns() - SECOND,
+        )
+        await client.publish(topic, commands.sign(key, stale), qos=1)
+        await until(lambda: final(stale_id) is not None)
+        assert hive.store.command(stale_id)["state"] == "refused"
+        assert hive.store.command(stale_id)["error"] == "command expired"
+
     # Expired on arrival at the hive: never sent, recorded as timed out.
     late = {**ping, "id": new_id(), "expires_ns": now_ns() - SECOND}
     await hive.publish("command.send", late)
@@ -235,7 +253,7 @@ async def test_commands_end_to_end_ping_replay_expiry_foreign_key(
     await hive.publish("command.send", silent)
     await until(lambda: final(silent["id"]) is not None, timeout=5)
     assert hive.store.command(silent["id"])["state"] == "timed_out"
-    assert running.agent.metrics.get("agent.commands_refused") == 2
+    assert running.agent.metrics.get("agent.commands_refused") == 3
 
 
 @pytest.mark.mqtt

@@ -1,6 +1,7 @@
 """The agent's side of commands: check each one, run it, acknowledge it.
 
-A command is refused, and the refusal acknowledged with its reason, when its
+A command is refused, and the refusal acknowledged with its reason, when it
+is larger than 64 KiB (unread, so without acknowledgement), when its
 signature is missing or not the hive's, when it has expired or expires too
 far ahead, when its id was seen before (a replay: ids are remembered until
 their command expires), when it names another agent or came on a topic that
@@ -25,6 +26,9 @@ from immune.metrics import Metrics
 from immune.safe import printable
 
 logger = logging.getLogger(__name__)
+
+#: Largest command message an agent reads; larger ones are refused unread.
+MAX_COMMAND_BYTES = 64 * 1024
 
 
 class CommandRunner:
@@ -81,6 +85,9 @@ class CommandRunner:
         Raises:
             CommandRefusedError: with the reason (see the module's docstring).
         """
+        if len(payload) > MAX_COMMAND_BYTES:
+            msg = f"command of {len(payload)} bytes exceeds {MAX_COMMAND_BYTES}"
+            raise commands.CommandRefusedError(msg)
         command = commands.verify(self.key, payload)
         prefix = self.config.mqtt.topic_prefix
         mine = topics.agent_topic(prefix, self.agent_id, topics.COMMANDS)

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: States of a command that has its agent's final answer.
+ANSWERED = ("succeeded", "failed", "refused")
 #: Seconds between two looks for commands that expired unanswered.
 EXPIRY_CHECK_INTERVAL = 1.0
 
@@ -135,7 +137,10 @@ class CommandDesk:
             results = dict(row["result"] or {})
             results[agent_id] = {"state": ack.state, "result": ack.result}
             await self.hive.store.update_command(ack.id, ack.state, results, ack.error)
-        elif row["state"] in commands.FINAL_STATES:
+        elif row["state"] in ANSWERED or (
+            row["state"] == "timed_out" and ack.state == "acknowledged"
+        ):
+            # A late final answer still replaces timed_out: it is the truth.
             logger.info(
                 "Command %s answered %s after it was %s.",
                 ack.id,
