@@ -163,3 +163,27 @@ async def test_batch_without_seq_gets_no_receipt_but_is_stored(
     await until(lambda: hive.store.counts()["events"] == 1)
     await asyncio.sleep(0.2)
     assert hive.metrics.get("mqtt.receipts") == 0
+
+
+async def test_batch_refused_whole_is_still_receipted(
+    hive, mqtt_broker: str, mqtt_prefix: str
+) -> None:
+    # Too large for the hive: a dead letter, and a receipt so that the agent
+    # does not send it forever.
+    hive.config.hive.max_payload_bytes = 1000
+    event = Event(id=new_id(), agent_id="big-2", host="h", ts=now_ns(), kind="exec")
+    payload = encode(
+        {"v": 1, "agent_id": "big-2", "seq": [5, 9], "events": [event] * 20}
+    )
+    assert len(payload) > 1000
+    base = f"{mqtt_prefix}/agents/big-2"
+    address = parse_url(mqtt_broker)
+    async with aiomqtt.Client(address.host, address.port) as client:
+        await client.subscribe(f"{base}/receipts", qos=1)
+        await client.publish(f"{base}/events", payload, qos=1)
+        async with asyncio.timeout(5):
+            message = await anext(aiter(client.messages))
+    assert orjson.loads(message.payload)["seq"] == [5, 9]
+    await hive.store.flush()
+    (letter,) = hive.store.dead_letters()
+    assert "exceeds the limit" in letter["reason"]

@@ -279,6 +279,10 @@ class NetworkPlugin:
             counter = "events.rejected" if leaf == topics.EVENTS else "agents.rejected"
             hive.metrics.inc(counter)
             await hive.dead_letter(topic, exc.reason, bytes(payload))
+            if leaf == topics.EVENTS:
+                # Kept as a dead letter: receipt it, or the agent would send
+                # it again forever, and nothing behind it would go.
+                await self._receipt_later(agent_id, bytes(payload))
 
     async def _events(self, topic: str, agent_id: str, payload: bytes) -> None:
         hive = self.hive
@@ -291,14 +295,17 @@ class NetworkPlugin:
         if good:
             await hive.ingest(good)
             await self._seen(agent_id, good[0].host)
+        await self._receipt_later(agent_id, payload)
+
+    async def _receipt_later(self, agent_id: str, payload: bytes) -> None:
         try:
             seq = _seq_decoder.decode(payload).seq
         except msgspec.DecodeError:
-            seq = None
+            return
         if seq is not None:
             # After the events on the agent's bus shard: handled once storage
             # has them (see send_receipts).
-            await hive.publish(RECEIPT_TOPIC, (agent_id, seq), key=agent_id)
+            await self.hive.publish(RECEIPT_TOPIC, (agent_id, seq), key=agent_id)
 
     async def _within_rate(self, agent_id: str) -> bool:
         """Count a message against the agent's rate; False when over it."""
