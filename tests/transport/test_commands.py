@@ -174,8 +174,11 @@ async def test_commands_end_to_end_ping_replay_expiry_foreign_key(
     row = hive.store.command(ping["id"])
     assert row["state"] == "succeeded" and row["result"]["echo"] == "hello"
     assert row["origin"] == "test"
-    seen = [s["state"] for s in states if s["id"] == ping["id"]]
-    assert seen == ["sent", "acknowledged", "succeeded"]
+    def seen() -> list[str]:
+        return [s["state"] for s in states if s["id"] == ping["id"]]
+
+    await until(lambda: len(seen()) == 3)  # the bus follows the table
+    assert seen() == ["sent", "acknowledged", "succeeded"]
 
     # The same signed message again (a replay by someone on the broker).
     import aiomqtt
@@ -328,3 +331,22 @@ def test_immune_up_gives_its_agent_the_hive_public_key(_state_dir: Path) -> None
     assert config.agent.command_public_key == str(_state_dir / "command.pub")
     key = commands.load_or_create_key(_state_dir / "command.key")
     assert runner(config).check(MINE, commands.sign(key, command()), now_ns())
+
+
+async def test_command_key_readable_by_others_fails_the_network_start(
+    tmp_path: Path,
+) -> None:
+    from immune.hive import Hive
+    from immune.plugins.network import NetworkPlugin
+
+    config = hive_config(
+        tmp_path, f"sqlite:///{tmp_path / 'hive.db'}", "mqtt://127.0.0.1:9", "p"
+    )
+    commands.load_or_create_key(config.hive.command_key)
+    Path(config.hive.command_key).chmod(0o640)
+    plugin = NetworkPlugin()
+    hive = Hive(config, discover=False)
+    plugin.immune_configure(hive)  # nothing read yet: `immune plugins` is harmless
+    with pytest.raises(ConfigError, match="chmod 600"):
+        plugin.immune_start(hive)
+    hive.store.close()

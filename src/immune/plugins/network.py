@@ -145,6 +145,7 @@ class NetworkPlugin:
 
     @hookimpl
     def immune_start(self, hive: Hive) -> None:
+        self.desk.check_key()  # a bad key file fails the start, not a command
         hive.create_task(self.run(), name="immune-network-mqtt")
         hive.create_task(self.watch_offline(), name="immune-network-offline")
         hive.create_task(self.desk.watch_expiry(), name="immune-network-commands")

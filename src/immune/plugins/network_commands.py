@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from immune import commands, topics
 from immune.config import state_dir
@@ -56,8 +57,25 @@ class CommandDesk:
         self.hive = hive
         self._client = client
         self.prefix = hive.config.mqtt.topic_prefix
-        path = hive.config.hive.command_key or state_dir() / "command.key"
-        self.key = commands.load_or_create_key(path)
+        self._key: Ed25519PrivateKey | None = None
+
+    @property
+    def key(self) -> Ed25519PrivateKey:
+        """The hive's signing key, read (or made) on first use.
+
+        Raises:
+            ConfigError: the key file is unusable (see
+                :func:`immune.commands.load_or_create_key`).
+        """
+        if self._key is None:
+            path = self.hive.config.hive.command_key or state_dir() / "command.key"
+            self._key = commands.load_or_create_key(path)
+        return self._key
+
+    def check_key(self) -> None:
+        """Read (or make) the signing key now, raising if it is unusable."""
+        self._key = None
+        _ = self.key
 
     async def send(self, message: Any) -> None:
         """Bus handler of ``command.send``: sign, publish and record."""
