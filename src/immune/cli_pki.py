@@ -69,6 +69,18 @@ def agent(
     _said(*pki.issue_agent(directory, agent_id))
 
 
+@app.command("client")
+def client(
+    name: Annotated[
+        str, typer.Argument(help="Its common name, e.g. immune-integrator.")
+    ],
+    directory: Directory = Path("pki"),
+) -> None:
+    """Issue another client's certificate (<name>.pem, .key), e.g. an
+    integrator reading alerts."""
+    _said(*pki.issue(directory, name))
+
+
 @app.command("command-key")
 def command_key(
     key: Annotated[

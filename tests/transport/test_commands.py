@@ -174,6 +174,7 @@ async def test_commands_end_to_end_ping_replay_expiry_foreign_key(
     row = hive.store.command(ping["id"])
     assert row["state"] == "succeeded" and row["result"]["echo"] == "hello"
     assert row["origin"] == "test"
+
     def seen() -> list[str]:
         return [s["state"] for s in states if s["id"] == ping["id"]]
 

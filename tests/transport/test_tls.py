@@ -38,6 +38,10 @@ def certs(tmp_path: Path) -> Path:
     )
     assert result.exit_code == 0, result.output
     pki.issue(directory, pki.HIVE_NAME, basename="hive")
+    result = CliRunner().invoke(
+        app, ["pki", "client", "immune-integrator", "--dir", str(directory)]
+    )
+    assert result.exit_code == 0, result.output
     pki.issue_agent(directory, "agent-a")
     pki.issue_agent(directory, "agent-b")
     assert (directory / "agent-agent-a.key").stat().st_mode & 0o777 == 0o600
@@ -119,6 +123,7 @@ async def test_mutual_tls_end_to_end_and_acl_per_agent(
     config.mqtt = MqttConfig(
         **{**_fields(config.mqtt), **_fields(tls(certs, "hive"), tls_only=True)}
     )
+    config.mqtt.shared_group = "hives"  # MQTT 5 and $share/ under the ACL too
     hive = await hive_factory(config)
     a_config = agent_config(tmp_path, url, PREFIX, id="agent-a")
     a_config.mqtt = MqttConfig(
@@ -160,6 +165,21 @@ async def test_mutual_tls_end_to_end_and_acl_per_agent(
         async with asyncio.timeout(5):
             message = await anext(aiter(nosy.messages))
         assert message.payload == b"for b"
+
+    # An integrator reads alerts and may not write an agent's events.
+    async with client(url, certs, "immune-integrator") as integrator:
+        await integrator.subscribe(f"{PREFIX}/alerts/#", qos=1)
+        await integrator.publish(
+            f"{PREFIX}/agents/agent-a/events", batch("agent-a", 9), qos=1
+        )
+        async with client(url, certs, "hive") as sender:
+            await sender.publish(f"{PREFIX}/alerts/high", b"{}", qos=1)
+        async with asyncio.timeout(5):
+            message = await anext(aiter(integrator.messages))
+        assert str(message.topic) == f"{PREFIX}/alerts/high"
+    assert re.search(
+        r"PUBACK to test-immune-integrator-\S+ \(m2, rc135\)", broker.log()
+    )
 
     # No certificate: no connection.
     address = parse_url(url)
