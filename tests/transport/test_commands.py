@@ -351,3 +351,22 @@ async def test_command_key_readable_by_others_fails_the_network_start(
     with pytest.raises(ConfigError, match="chmod 600"):
         plugin.immune_start(hive)
     hive.store.close()
+
+
+def test_command_replayed_after_an_agent_restart_is_refused(keys, tmp_path) -> None:
+    from immune.agent.spool import Spool
+
+    key, config = keys
+    payload = commands.sign(key, command())
+    first = runner(config)
+    first.attach(Spool(tmp_path / "agent.spool", 10))
+    first.check(MINE, payload, now_ns())
+    first.memory.close()
+
+    restarted = runner(config)
+    restarted.attach(Spool(tmp_path / "agent.spool", 10))
+    with pytest.raises(commands.CommandRefusedError, match="replayed"):
+        restarted.check(MINE, payload, now_ns())
+    # Expired ids are forgotten on reopening: the memory stays small.
+    spool = Spool(tmp_path / "agent.spool", 10)
+    assert spool.remembered_commands(now_ns() + 120 * SECOND) == {}

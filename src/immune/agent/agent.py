@@ -178,6 +178,7 @@ class Agent:
         self._loop = asyncio.get_running_loop()
         self._started_ns, self._started = now_ns(), time.monotonic()
         self.spool = self._open_spool()
+        self.commands.attach(self.spool)
         self.sensor = self._open_sensor()
         self.put(self.lifecycle("agent_start"))
         self.sensor.start()

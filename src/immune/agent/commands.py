@@ -3,11 +3,12 @@
 A command is refused, and the refusal acknowledged with its reason, when it
 is larger than 64 KiB (unread, so without acknowledgement), when its
 signature is missing or not the hive's, when it has expired or expires too
-far ahead, when its id was seen before (a replay: ids are remembered until
-their command expires), when it names another agent or came on a topic that
-is not for this agent, or when the action is unknown. Otherwise the agent
-acknowledges it, runs ``immune.agent.actions.ACTIONS[action](args)`` until
-the command expires, and acknowledges again with the result or the error.
+far ahead, when its id was seen before (a replay: ids are remembered, also
+in the spool file across restarts, until their command expires), when it
+names another agent or came on a topic that is not for this agent, or when
+the action is unknown. Otherwise the agent acknowledges it, runs
+``immune.agent.actions.ACTIONS[action](args)`` until the command expires,
+and acknowledges again with the result or the error.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import aiomqtt
 
 from immune import commands, topics
 from immune.agent import actions
+from immune.agent.spool import Spool
 from immune.config import Config
 from immune.events import encode, now_ns
 from immune.metrics import Metrics
@@ -51,6 +53,12 @@ class CommandRunner:
         self.key = commands.load_public_key(path) if path else None
         self._seen: dict[str, int] = {}  # command id -> its expiry (ns)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.memory: Spool | None = None
+
+    def attach(self, spool: Spool) -> None:
+        """Remember command ids in the spool file too, across restarts."""
+        self.memory = spool
+        self._seen.update(spool.remembered_commands(now_ns()))
 
     def submit(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
         """Handle a command message in a task of its own."""
@@ -104,6 +112,8 @@ class CommandRunner:
         if command.id in self._seen:
             raise commands.CommandRefusedError("command replayed", command.id)
         self._seen[command.id] = command.expires_ns
+        if self.memory is not None:
+            self.memory.remember_command(command.id, command.expires_ns)
         if command.action not in actions.ACTIONS:
             msg = f"unknown action {command.action!r}"
             raise commands.CommandRefusedError(msg, command.id)

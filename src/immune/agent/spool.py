@@ -24,6 +24,9 @@ CREATE TABLE IF NOT EXISTS spool (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, event BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS commands_seen (
+    id TEXT PRIMARY KEY, expires INTEGER NOT NULL
+);
 """
 
 
@@ -145,6 +148,23 @@ class Spool:
             raise SpoolError(f"cannot write the spool {self.path}: {exc}") from None
         self._count -= cursor.rowcount
         return cursor.rowcount
+
+    def remember_command(self, command_id: str, expires_ns: int) -> None:
+        """Keep a command's id until it expires, so a replay is refused even
+        after the agent restarts."""
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO commands_seen (id, expires) VALUES (?, ?)",
+                (command_id, expires_ns),
+            )
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot write the spool {self.path}: {exc}") from None
+
+    def remembered_commands(self, now_ns: int) -> dict[str, int]:
+        """The ids of commands seen that have not expired, with their expiry."""
+        self._db.execute("DELETE FROM commands_seen WHERE expires <= ?", (now_ns,))
+        rows = self._db.execute("SELECT id, expires FROM commands_seen").fetchall()
+        return {str(i): int(e) for i, e in rows}
 
     def close(self) -> None:
         self._db.close()
