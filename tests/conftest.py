@@ -186,3 +186,19 @@ def mqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def mqtt_prefix() -> str:
     """A topic prefix of this test's own, so tests never see each other."""
     return f"immune-test/{uuid.uuid4().hex}"
+
+
+# --------------------------------------------------------------------------
+# --- State files ---
+#
+# Agents' spools and the hive's command key default to files in
+# ``$IMMUNE_STATE_DIR`` (else the user's state directory): every test gets
+# its own, so no test writes outside its tmp_path.
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    state = tmp_path / "state"
+    monkeypatch.setenv("IMMUNE_STATE_DIR", str(state))
+    return state

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from immune import __version__, cli_sigma
 from immune import config as config_mod
+from immune.cli_pki import app as pki_app
 from immune.cli_response import response_app as _response_app
 from immune.config import Config
 from immune.errors import ConfigError, ImmuneError, StorageError
@@ -42,6 +43,7 @@ db_app = typer.Typer(help="Manage the database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(cli_sigma.app, name="sigma")
 app.add_typer(_response_app, name="response")
+app.add_typer(pki_app, name="pki")
 
 console = Console()
 err_console = Console(stderr=True)

@@ -73,7 +73,7 @@ async def publish(config: Config, agent_id: str, events: Iterator[Event]) -> int
     try:
         async with aiomqtt.Client(
             identifier=f"immune-replay-{agent_id}",
-            **client_kwargs(config.mqtt, address),  # type: ignore[arg-type]
+            **client_kwargs(config.mqtt, address),
         ) as client:
             batch: list[Event] = []
             for event in events:

@@ -35,8 +35,19 @@ class HiveConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     bus_queue_size: Positive = 10_000
     plugin_dirs: list[str] = msgspec.field(default_factory=list)
     disabled_plugins: list[str] = msgspec.field(default_factory=list)
-    #: An agent silent this long is marked offline (checked every 30 s).
+    #: An agent silent this long is marked offline (checked every
+    #: ``offline_check_interval`` seconds).
     agent_timeout: Seconds = 120.0
+    offline_check_interval: Seconds = 30.0
+    #: The Ed25519 private key that signs commands to agents (PEM, mode
+    #: 0600); made on first use when missing, by default ``command.key`` in
+    #: :func:`state_dir`. Agents get its public half.
+    command_key: str = ""
+    #: MQTT messages per second accepted from one agent (a token bucket of
+    #: ``agent_rate_burst`` messages); beyond, messages are dropped, counted,
+    #: and an alert is raised.
+    agent_rate_limit: Seconds = 200.0
+    agent_rate_burst: Positive = 2000
     #: At stop, how long to keep trying to write what is pending before
     #: giving up with an error that says how many rows are lost.
     shutdown_timeout: Seconds = 60.0
@@ -73,6 +84,15 @@ class MqttConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Ask the broker to keep our subscriptions and queue QoS 1 messages while
     #: we are away (MQTT clean_session false); needs a stable client_id.
     persistent_session: bool = True
+    #: TLS (``mqtts://``): the CA that signed the broker's certificate (the
+    #: system's trust store when empty), and for mutual TLS this client's
+    #: certificate and private key (PEM files, ``immune pki``).
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    #: Hive only: share the agents' stream with the other hive processes of
+    #: this MQTT 5 shared subscription group (``$share/<group>/...``).
+    shared_group: str = ""
 
 
 class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -97,6 +117,21 @@ class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Policy written into the kernel module's tunables when the ``kmod``
     #: sensor opens (keys of ``immune.agent.kmod.KmodPolicy``); empty: as is.
     kmod_policy: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: The SQLite file holding events until the hive has stored them; by
+    #: default ``agent-<id>.spool`` in ``$IMMUNE_STATE_DIR``, else
+    #: ``/var/lib/immune`` (root) or ``~/.local/state/immune``.
+    spool: str = ""
+    #: Events the spool holds; when full, the oldest are dropped and counted.
+    spool_max_events: Positive = 1_000_000
+    #: Batches sent but not yet receipted by the hive, at most.
+    spool_window: Positive = 64
+    #: Send unreceipted batches again after this long without a receipt.
+    receipt_timeout: Seconds = 30.0
+    #: The hive's command public key (PEM); without it every command is refused.
+    command_public_key: str = ""
+    #: Commands expiring further ahead than this are refused (bounds replay
+    #: memory).
+    max_command_ttl: Seconds = 86400.0
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -110,6 +145,20 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def agent_id(self) -> str:
         return self.agent.id or socket.gethostname()
+
+
+def state_dir() -> Path:
+    """Where IMMUNE keeps state files (spool, keys) not named in the config.
+
+    ``$IMMUNE_STATE_DIR`` when set, else ``/var/lib/immune`` for root and
+    ``~/.local/state/immune`` for anyone else.
+    """
+    base = os.environ.get("IMMUNE_STATE_DIR")
+    if base:
+        return Path(base)
+    if os.geteuid() == 0:
+        return Path("/var/lib/immune")
+    return Path.home() / ".local" / "state" / "immune"
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:

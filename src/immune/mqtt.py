@@ -6,13 +6,23 @@ by default) or ``mqtts://host:port`` for TLS (8883 by default).
 
 from __future__ import annotations
 
+import logging
 import random
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from immune.config import MqttConfig
 from immune.errors import ConfigError
+
+#: How long a broker keeps an MQTT 5 persistent session of an absent client.
+SESSION_EXPIRY = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -51,9 +61,9 @@ def parse_url(url: str) -> BrokerAddress:
     return BrokerAddress(parts.hostname, port, tls, user, password)
 
 
-def client_kwargs(config: MqttConfig, address: BrokerAddress) -> dict[str, object]:
+def client_kwargs(config: MqttConfig, address: BrokerAddress) -> dict[str, Any]:
     """Keyword arguments for :class:`aiomqtt.Client` from the configuration."""
-    kwargs: dict[str, object] = {
+    kwargs: dict[str, Any] = {
         "hostname": address.host,
         "port": address.port,
         "keepalive": config.keepalive,
@@ -61,8 +71,53 @@ def client_kwargs(config: MqttConfig, address: BrokerAddress) -> dict[str, objec
         "password": config.password or address.password,
     }
     if address.tls:
-        kwargs["tls_context"] = ssl.create_default_context()
+        kwargs["tls_context"] = tls_context(config)
+    elif config.cert_file:
+        msg = (
+            f"[mqtt] cert_file is set but the broker URL {address} is plain TCP; "
+            "use mqtts:// for TLS"
+        )
+        raise ConfigError(msg)
     return kwargs
+
+
+def tls_context(config: MqttConfig) -> ssl.SSLContext:
+    """A client TLS context: the broker verified against ``ca_file`` (or the
+    system's trust store), and this client's certificate for mutual TLS.
+
+    Raises:
+        ConfigError: a file is missing or is not a usable PEM certificate/key.
+    """
+    for name in ("ca_file", "cert_file", "key_file"):
+        value = getattr(config, name)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"[mqtt] {name} {value!r} does not exist")
+    if bool(config.cert_file) != bool(config.key_file):
+        raise ConfigError("[mqtt] cert_file and key_file must be set together")
+    try:
+        context = ssl.create_default_context(cafile=config.ca_file or None)
+        if config.cert_file:
+            context.load_cert_chain(config.cert_file, config.key_file)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"[mqtt] TLS files unusable: {exc}") from None
+    return context
+
+
+def session_kwargs(config: MqttConfig, *, persistent: bool) -> dict[str, Any]:
+    """Protocol and session options for :class:`aiomqtt.Client`.
+
+    A hive in a shared subscription group speaks MQTT 5 (shared
+    subscriptions are an MQTT 5 feature); everything else MQTT 3.1.1.
+    """
+    if not config.shared_group:
+        return {"clean_session": not persistent}
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = SESSION_EXPIRY if persistent else 0
+    return {
+        "protocol": aiomqtt.ProtocolVersion.V5,
+        "clean_start": not persistent,
+        "properties": properties,
+    }
 
 
 class Backoff:
@@ -77,6 +132,14 @@ class Backoff:
         self.initial = initial
         self.cap = cap
         self.attempt = 0
+
+    def level(self) -> int:
+        """The log level of the next attempt: the first failures are news
+        (warning), then only every tenth, so an outage of days does not
+        fill the log."""
+        if self.attempt < 3 or self.attempt % 10 == 0:
+            return logging.WARNING
+        return logging.DEBUG
 
     def next(self) -> float:
         # "Full jitter": spread reconnecting clients so that a broker restart

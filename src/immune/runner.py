@@ -60,6 +60,21 @@ async def run_agent(config: Config, stop: asyncio.Event | None = None) -> None:
     await Agent(config).run(stop)
 
 
+def _share_command_key(config: Config) -> None:
+    """Give the local agent the hive's public command key, unless configured."""
+    from immune import signing
+    from immune.config import state_dir
+
+    if config.agent.command_public_key:
+        return
+    key = signing.load_or_create_key(
+        config.hive.command_key or state_dir() / "command.key"
+    )
+    public = state_dir() / "command.pub"
+    public.write_bytes(signing.public_pem(key))
+    config.agent.command_public_key = str(public)
+
+
 async def run_up(
     config: Config, console: Console, stop: asyncio.Event | None = None
 ) -> None:
@@ -71,6 +86,7 @@ async def run_up(
         metrics = Metrics()
         hive = Hive(config, metrics=metrics)
         await hive.start()
+        _share_command_key(config)
         agent = Agent(config, metrics=metrics)
         agent_stop = asyncio.Event()
         agent_task = asyncio.create_task(agent.run(agent_stop), name="immune-agent")

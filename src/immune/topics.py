@@ -15,8 +15,12 @@ EVENTS = "events"
 REGISTER = "register"
 HEARTBEAT = "heartbeat"
 STATUS = "status"
+#: Command acknowledgements and results, agent -> hive.
+ACKS = "acks"
 # What the hive publishes to one agent.
 COMMANDS = "commands"
+#: Receipts for stored event batches, hive -> agent.
+RECEIPTS = "receipts"
 
 _AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
@@ -38,6 +42,20 @@ def alerts_topic(prefix: str, severity: str) -> str:
 
 def hive_status_topic(prefix: str) -> str:
     return f"{prefix}/hive/status"
+
+
+def broadcast_topic(prefix: str) -> str:
+    """Where the hive publishes commands for every agent."""
+    return f"{prefix}/broadcast/{COMMANDS}"
+
+
+def shared(group: str, topic_filter: str) -> str:
+    """An MQTT 5 shared subscription to ``topic_filter``, or the filter alone.
+
+    Args:
+        group: the share group name; empty for an ordinary subscription.
+    """
+    return f"$share/{group}/{topic_filter}" if group else topic_filter
 
 
 def parse_agent_topic(prefix: str, topic: str) -> tuple[str, str] | None:

@@ -81,8 +81,8 @@ def test_migrations_dir_holds_the_initial_schema() -> None:
     where = migrations_dir()
 
     assert (where / "env.py").is_file()
-    names = {p.name.split("_", 1)[1] for p in where.glob("versions/*.py")}
-    assert {"initial_schema.py", "playbook_runs_and_response_commands.py"} <= names
+    slugs = {p.name.split("_", 1)[1] for p in where.glob("versions/*.py")}
+    assert {"initial_schema.py", "playbook_runs_and_response_commands.py"} <= slugs
 
 
 def test_migrations_alembic_command_line_from_repo_root(tmp_path: Path) -> None:

@@ -1,14 +1,19 @@
-"""The agent: one sensor's events, batched and published to the hive over MQTT.
+"""The agent: one sensor's events, spooled and published to the hive over MQTT.
 
 The sensor runs on its own thread and hands each event to the event loop
 (``call_soon_threadsafe``), where it waits in a bounded in-memory queue. One
-task cuts the queue into batches of up to ``batch_max_events`` events or
-``batch_max_delay`` seconds and publishes them at QoS 1; another sends a
-heartbeat. When the broker is away the agent reconnects forever (jittered
-exponential backoff) and the queue keeps the events, in order, for later.
+task moves the queue, in chunks of up to ``batch_max_events`` events or
+``batch_max_delay`` seconds, into the on-disk spool (:mod:`.spool`); while
+connected, another publishes the spool's events in order, in batches at QoS
+1, and deletes them when the hive's receipt says they are stored. A third
+sends heartbeats, and a fourth reads receipts and commands
+(:mod:`.commands`). When the broker is away the agent reconnects forever
+(jittered exponential backoff) and the spool keeps the events, in order,
+for later, even across a restart.
 
-Delivery is at least once: a batch whose PUBACK was lost with the connection
-is sent again after reconnecting, and the hive can tell the copies by event id.
+Delivery is at least once: a batch not receipted within ``receipt_timeout``,
+or when the hive comes back online, is sent again, and the hive tells the
+copies apart by event id.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ import msgspec
 
 import immune
 from immune import topics
-from immune.agent import policy
+from immune.agent import actions, policy
 from immune.agent.cnproc import CnProcSensor
+from immune.agent.commands import CommandRunner
 from immune.agent.sensors import Sensor, open_sensors
-from immune.config import Config
+from immune.agent.spool import Spool, default_path
+from immune.config import Config, state_dir
 from immune.errors import ConfigError
 from immune.events import SCHEMA_VERSION, Event, encode, new_id, now_ns
 from immune.metrics import Metrics
@@ -50,7 +57,13 @@ COUNTERS = (
     "agent.sensor_overruns",
     "agent.reconnects",
     "agent.blocked",
+    "agent.spool_dropped",
+    "agent.resent",
+    "agent.commands",
+    "agent.commands_refused",
 )
+#: What a batch's envelope adds to its events, at most (generously).
+ENVELOPE_BYTES = 256
 
 # Put in the queue after the last event: the batcher sends what is left, then
 # returns instead of waiting for more.
@@ -134,6 +147,14 @@ class Agent:
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._pending: list[Event] = []
         self._drained = False
+        #: Events kept until receipted (opened by :meth:`run`).
+        self.spool: Spool | None = None
+        self._spooled = asyncio.Event()  # set when the spool or receipts move
+        self._spooler_done = False
+        self._inflight: dict[int, tuple[int, float]] = {}  # last -> first, sent at
+        self._hive_since: int | None = None
+        self._rewind_requested = False
+        self.commands = CommandRunner(config, self.agent_id, self.metrics)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started_ns = 0
         self._started = 0.0
@@ -158,18 +179,33 @@ class Agent:
         """
         self._loop = asyncio.get_running_loop()
         self._started_ns, self._started = now_ns(), time.monotonic()
+        self.spool = self._open_spool()
+        self.commands.attach(self.spool)
         self.sensor = self._open_sensor()
         self.put(self.lifecycle("agent_start"))
         self.sensor.start()
         restore = self._boost_loop_thread()
         try:
             async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._spooler(), name="immune-agent-spooler")
                 link = tg.create_task(self._link(), name="immune-agent-link")
                 await (stop or asyncio.Event()).wait()
                 await self._shutdown(link)
         finally:
             self.sensor.stop()
             restore()
+            self.spool.close()
+
+    def _open_spool(self) -> Spool:
+        agent = self.config.agent
+        path = agent.spool or default_path(self.agent_id)
+        spool = Spool(path, agent.spool_max_events)
+        if len(spool):
+            logger.info(
+                "Spool %s holds %d events from before; they go first.", path, len(spool)
+            )
+        self.metrics.set("agent.spool_depth", len(spool))
+        return spool
 
     def _boost_loop_thread(self) -> Callable[[], None]:
         """Raise this thread's priority while a racing sensor runs.
@@ -194,10 +230,24 @@ class Agent:
             return lambda: None
         return lambda: os.setpriority(os.PRIO_PROCESS, tid, before)
 
+    def _configure_actions(self) -> None:
+        # The hive's commands act through this responder: its state (vault,
+        # frozen and jailed processes) under the state directory, the broker
+        # always reachable when the host is isolated, and `policy` applying
+        # a new local policy.
+        address = parse_url(self.config.mqtt.url) if self.config.mqtt.url else None
+        settings = actions.Settings(
+            state_dir=state_dir() / f"actions-{self.agent_id}",
+            broker=(address.host, address.port) if address else None,
+        )
+        actions.configure(actions.Responder(settings, self.metrics))
+        actions.set_policy_handler(policy.apply_policy)
+
     def _open_sensor(self) -> Sensor:
         agent = self.config.agent
         store = policy.PolicyStore(agent.policy or None)
         policy.install(store)  # what the hive's `policy` command changes
+        self._configure_actions()
         return open_sensors(
             agent.sensors,
             {
@@ -220,13 +270,11 @@ class Agent:
         self._queue.put_nowait(_STOP)
         done, _ = await asyncio.wait({link}, timeout=self.shutdown_timeout)
         if not done:
-            left = self._queue.qsize() - 1 + len(self._pending)
             logger.warning(
-                "Stopping with %d events unsent: the broker at %s was not "
-                "reachable within %.1f s.",
-                max(left, 0),
+                "Stopping with %d events not receipted by the hive (broker %s); "
+                "they stay in the spool for the next start.",
+                len(self.spool) if self.spool else 0,
                 self.broker,
-                self.shutdown_timeout,
             )
             link.cancel()
 
@@ -293,7 +341,7 @@ class Agent:
         return aiomqtt.Client(
             identifier=f"immune-agent-{self.agent_id}",
             will=will,
-            **client_kwargs(self.config.mqtt, self.broker),  # type: ignore[arg-type]
+            **client_kwargs(self.config.mqtt, self.broker),
         )
 
     async def _link(self) -> None:
@@ -315,27 +363,39 @@ class Agent:
                 raise asyncio.CancelledError
             if error is None:
                 continue
+            level = backoff.level()
             delay = backoff.next()
             self.metrics.inc("agent.reconnects")
-            logger.warning(
+            logger.log(
+                level,
                 "MQTT broker %s unavailable (%s); reconnecting in %.1f s "
-                "(attempt %d, %d events queued).",
+                "(attempt %d, %d events spooled).",
                 self.broker,
                 error,
                 delay,
                 backoff.attempt,
-                self._queue.qsize() + len(self._pending),
+                self.depth(),
             )
             await asyncio.sleep(delay)
 
     async def _session(self, client: aiomqtt.Client) -> None:
+        prefix = self.config.mqtt.topic_prefix
+        for topic in (
+            self.topic(topics.RECEIPTS),
+            self.topic(topics.COMMANDS),
+            topics.broadcast_topic(prefix),
+            topics.hive_status_topic(prefix),
+        ):
+            await client.subscribe(topic, qos=1)
         await self._announce(client)
+        self._inflight.clear()  # what was sent before goes again
         self.connected.set()
         logger.info("Agent %s connected to %s.", self.agent_id, self.broker)
         async with asyncio.TaskGroup() as tg:
             watch = tg.create_task(self._watch(client), name="immune-agent-watch")
             beat = tg.create_task(self._heartbeats(client), name="immune-agent-beat")
             await tg.create_task(self._batches(client), name="immune-agent-batches")
+            await self.commands.wait_idle(self.shutdown_timeout / 4)
             watch.cancel()
             beat.cancel()
         await self._publish_status(client, "offline", reason="stopped")
@@ -343,9 +403,19 @@ class Agent:
 
     async def _watch(self, client: aiomqtt.Client) -> None:
         # Raises MqttError as soon as the connection drops, rather than when
-        # a publish times out; later, hive commands arrive here.
+        # a publish times out.
+        hive_status = topics.hive_status_topic(self.config.mqtt.topic_prefix)
         async for message in client.messages:
-            logger.debug("Ignoring a message on %s.", message.topic)
+            payload = message.payload
+            if not isinstance(payload, bytes | bytearray):
+                continue
+            topic = str(message.topic)
+            if topic == self.topic(topics.RECEIPTS):
+                self._receipt(bytes(payload))
+            elif topic == hive_status:
+                self._hive_status(bytes(payload))
+            else:
+                self.commands.submit(client, topic, bytes(payload))
 
     async def _announce(self, client: aiomqtt.Client) -> None:
         assert self.sensor is not None
@@ -379,12 +449,19 @@ class Agent:
                 self.topic(topics.HEARTBEAT), encode(self.heartbeat()), qos=1
             )
 
+    def depth(self) -> int:
+        """Events not yet receipted: in memory and in the spool."""
+        spooled = len(self.spool) if self.spool is not None else 0
+        return self._queue.qsize() + len(self._pending) + spooled
+
     def heartbeat(self) -> dict[str, Any]:
-        """The heartbeat's payload: liveness, counters and queue depth."""
-        depth = self._queue.qsize() + len(self._pending)
+        """The heartbeat's payload: liveness, counters, queue and spool."""
+        depth = self.depth()
         self.metrics.set("agent.queue_depth", depth)
         counters = self.metrics.snapshot()
+        spool = self.spool
         return {
+            "v": SCHEMA_VERSION,
             "agent_id": self.agent_id,
             "ts": now_ns(),
             "uptime": round(time.monotonic() - self._started, 3),
@@ -395,52 +472,164 @@ class Agent:
                 if name in COUNTERS or name.startswith("agent.sensor.")
             },
             "queue": depth,
+            "spool": {
+                "depth": len(spool) if spool is not None else 0,
+                "dropped": spool.dropped if spool is not None else 0,
+            },
         }
 
-    # --- Batches -------------------------------------------------------------
+    # --- Into the spool ------------------------------------------------------
+
+    async def _spooler(self) -> None:
+        """Move queued events into the spool until the stop marker comes."""
+        assert self.spool is not None
+        stopped = False
+        while not stopped:
+            stopped = await self._fill()
+            if self._pending:
+                self._append([self.encode_event(e) for e in self._pending])
+                self._pending = []
+        self._spooler_done = True
+        self._spooled.set()
+
+    def _append(self, rows: list[bytes]) -> None:
+        assert self.spool is not None
+        dropped = self.spool.append(rows)
+        if dropped:
+            self.metrics.inc("agent.spool_dropped", dropped)
+            logger.warning(
+                "Spool full (%d events): dropped the %d oldest, %d so far; the "
+                "hive is told in heartbeats.",
+                self.spool.max_events,
+                dropped,
+                self.spool.dropped,
+            )
+        self.metrics.set("agent.spool_depth", len(self.spool))
+        self._spooled.set()
+
+    def encode_event(self, event: Event) -> bytes:
+        """An event's JSON, shortened to fit one message when it must."""
+        raw = encode(event)
+        limit = self.config.agent.batch_max_bytes - ENVELOPE_BYTES
+        if len(raw) > limit:
+            raw = encode(shorten(event, limit))
+            self.metrics.inc("agent.events_shortened")
+        return raw
+
+    def batch_payload(self, rows: list[tuple[int, bytes]]) -> bytes:
+        """The MQTT payload of spooled events: the envelope and their range."""
+        head = b'{"v":%d,"agent_id":"%s","seq":[%d,%d],"events":[' % (
+            SCHEMA_VERSION,
+            self.agent_id.encode(),
+            rows[0][0],
+            rows[-1][0],
+        )
+        return head + b",".join(row for _, row in rows) + b"]}"
+
+    # --- Out of the spool ----------------------------------------------------
 
     async def _batches(self, client: aiomqtt.Client) -> None:
-        """Publish batches until the stop marker has gone through the queue.
+        """Publish the spool in order until, stopping, all is receipted.
 
-        ``_pending`` outlives a lost connection, so the batch that was being
-        filled or sent goes first after reconnecting and nothing is lost or
-        reordered.
+        At most ``spool_window`` batches wait for a receipt at once. Batches
+        not receipted within ``receipt_timeout`` (the hive was away, or a
+        receipt was lost) are sent again, from the oldest.
         """
-        # TODO(#3): spool to disk, so that queued events survive a restart.
-        topic = self.topic(topics.EVENTS)
-        stopped = False
-        while not stopped or self._pending:
-            if not self._pending:
-                stopped = await self._fill()
-                if not self._pending:
-                    continue
-            batch = self._pending
-            await self._publish_batch(client, topic, batch)
-            self._pending = []
-            self.metrics.inc("agent.events_sent", len(batch))
+        assert self.spool is not None
+        agent, topic, cursor = self.config.agent, self.topic(topics.EVENTS), 0
+        while True:
+            self._spooled.clear()
+            cursor = self._resend_if_late(cursor)
+            rows: list[tuple[int, bytes]] = []
+            if len(self._inflight) < agent.spool_window:
+                rows = self.spool.read(
+                    cursor,
+                    max_events=agent.batch_max_events,
+                    max_bytes=agent.batch_max_bytes - ENVELOPE_BYTES,
+                )
+            if rows:
+                # In flight before the publish: the receipt may come back
+                # before the PUBACK does.
+                cursor = rows[-1][0]
+                self._inflight[cursor] = (rows[0][0], time.monotonic())
+                await client.publish(topic, self.batch_payload(rows), qos=1)
+                self.metrics.inc("agent.events_sent", len(rows))
+                self.metrics.inc("agent.batches_sent")
+                continue
+            if self._spooler_done and not len(self.spool):
+                return
+            if not await self._wait_for_spool():
+                logger.warning(
+                    "Stopping before the hive receipted %d events; they stay in "
+                    "the spool %s for the next start.",
+                    len(self.spool),
+                    self.spool.path,
+                )
+                return
 
-    async def _publish_batch(
-        self, client: aiomqtt.Client, topic: str, batch: list[Event]
-    ) -> None:
-        # Keep each message under batch_max_bytes, well below what a hive
-        # accepts: halve a batch that is too big; shorten a lone event's argv.
-        payload = encode(
-            {"v": SCHEMA_VERSION, "agent_id": self.agent_id, "events": batch}
+    async def _wait_for_spool(self) -> bool:
+        """Wait for events or receipts; False when stopping and none came."""
+        timeout = min(1.0, self.config.agent.receipt_timeout)
+        if self._spooler_done:
+            # Stopping: give the hive a moment to receipt, then leave the rest
+            # in the spool for the next start.
+            timeout = self.shutdown_timeout / 2
+        try:
+            await asyncio.wait_for(self._spooled.wait(), timeout)
+        except TimeoutError:
+            return not self._spooler_done
+        return True
+
+    def _resend_if_late(self, cursor: int) -> int:
+        if self._rewind_requested:
+            self._rewind_requested = False
+            return self._rewind()
+        if not self._inflight:
+            return cursor
+        oldest = min(sent for _, sent in self._inflight.values())
+        if time.monotonic() - oldest < self.config.agent.receipt_timeout:
+            return cursor
+        logger.info(
+            "No receipt for %d batches in %.0f s; sending them again.",
+            len(self._inflight),
+            self.config.agent.receipt_timeout,
         )
-        limit = self.config.agent.batch_max_bytes
-        if len(payload) > limit and len(batch) > 1:
-            half = len(batch) // 2
-            await self._publish_batch(client, topic, batch[:half])
-            await self._publish_batch(client, topic, batch[half:])
+        return self._rewind()
+
+    def _rewind(self) -> int:
+        self.metrics.inc("agent.resent", len(self._inflight))
+        self._inflight.clear()
+        self._spooled.set()
+        return 0
+
+    def _receipt(self, payload: bytes) -> None:
+        """The hive stored a batch: delete its events from the spool."""
+        assert self.spool is not None
+        try:
+            receipt = msgspec.json.decode(payload, type=Receipt)
+        except msgspec.DecodeError as exc:
+            self.metrics.inc("agent.bad_receipts")
+            logger.warning("Ignoring an invalid receipt: %s.", exc)
             return
-        if len(payload) > limit:
-            batch = [shorten(batch[0], limit)]
-            self.metrics.inc("agent.events_shortened")
-            payload = encode(
-                {"v": SCHEMA_VERSION, "agent_id": self.agent_id, "events": batch}
-            )
-        await client.publish(topic, payload, qos=1)
-        self.metrics.inc("agent.batches_sent")
+        first, last = receipt.seq
+        self._inflight.pop(last, None)
+        self.spool.remove(first, last)
+        self.metrics.set("agent.spool_depth", len(self.spool))
+        self._spooled.set()
+
+    def _hive_status(self, payload: bytes) -> None:
+        # A hive that (re)started may have missed batches sent while it was
+        # down; send what is not receipted again rather than wait.
+        try:
+            status = msgspec.json.decode(payload, type=HiveStatus)
+        except msgspec.DecodeError:
+            return
+        if status.status == "online" and status.since != self._hive_since:
+            if self._hive_since is not None and self._inflight:
+                logger.info("The hive is back online; resending what it missed.")
+                self._rewind_requested = True
+            self._hive_since = status.since
+            self._spooled.set()
 
     async def _fill(self) -> bool:
         """Move events into ``_pending`` for one batch; True at the stop marker."""
@@ -459,8 +648,18 @@ class Agent:
                         item = await self._queue.get()
                 except TimeoutError:
                     return False
-        self._queue.put_nowait(_STOP)  # seen again after a reconnect
         return True
+
+
+class Receipt(msgspec.Struct):
+    """The hive's word that it stored the spooled events ``seq[0]..seq[1]``."""
+
+    seq: tuple[int, int]
+
+
+class HiveStatus(msgspec.Struct):
+    status: str
+    since: int | None = None
 
 
 def shorten(event: Event, limit: int) -> Event:

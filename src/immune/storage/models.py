@@ -42,6 +42,7 @@ COMMAND_STATES = (
     "succeeded",
     "failed",
     "timed_out",
+    "refused",
 )
 #: Dead-letter payloads are kept up to this many bytes (size and hash: whole).
 MAX_DEAD_LETTER_PAYLOAD = 64 * 1024
@@ -184,6 +185,11 @@ class Command(Base):
     )
     updated: Mapped[Nanos] = mapped_column(comment="Last state change (ns).")
     result: Mapped[Json | None] = mapped_column(comment="What the agent answered.")
+    error: Mapped[str | None] = mapped_column(
+        Text, comment="Why it failed or was refused."
+    )
+    origin: Mapped[ShortText | None] = mapped_column(comment="Plugin that issued it.")
+    alert_id: Mapped[Ident | None] = mapped_column(comment="Alert it answers.")
 
 
 class PluginState(Base):

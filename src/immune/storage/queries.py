@@ -121,6 +121,13 @@ def commands(
     return _dicts(engine, _limited(query, limit))
 
 
+def command(engine: Engine, command_id: str) -> dict[str, Any] | None:
+    """One command by id, or None."""
+    t = models.commands
+    rows = _dicts(engine, sa.select(t).where(t.c.id == command_id))
+    return rows[0] if rows else None
+
+
 def counts(engine: Engine) -> dict[str, int]:
     """Rows per table."""
     tables = models.Base.metadata.sorted_tables

@@ -481,6 +481,8 @@ class Store:
         *,
         command_id: str | None = None,
         expires_ns: int | None = None,
+        origin: str | None = None,
+        alert_id: str | None = None,
     ) -> str:
         """Record a command for an agent, in state ``pending``; returns its id.
 
@@ -490,6 +492,8 @@ class Store:
             args: the action's arguments (JSON).
             command_id: defaults to a new UUIDv7.
             expires_ns: when it times out, in ns since the epoch.
+            origin: the plugin that issued it.
+            alert_id: the alert it answers, if any.
         """
         now = time.time_ns()
         values = {
@@ -502,24 +506,34 @@ class Store:
             "expires": expires_ns,
             "updated": now,
             "result": None,
+            "origin": origin,
+            "alert_id": alert_id,
         }
         await self._write_now(queries.add_command, values)
         return str(values["id"])
 
     async def update_command(
-        self, command_id: str, state: str, result: Any = None
+        self, command_id: str, state: str, result: Any = None, error: str | None = None
     ) -> bool:
         """Move a command to ``state``; False if there is no such command.
 
         Args:
-            state: pending, sent, acknowledged, succeeded, failed or timed_out.
+            state: pending, sent, acknowledged, succeeded, failed, timed_out
+                or refused.
             result: what the agent answered (JSON); None keeps the stored one.
+            error: why it failed or was refused; None keeps the stored one.
         """
         queries.check_state(state)
         values: dict[str, Any] = {"state": state, "updated": time.time_ns()}
         if result is not None:
             values["result"] = result
+        if error is not None:
+            values["error"] = error
         return await self._write_now(queries.update_command, command_id, values)
+
+    def command(self, command_id: str) -> dict[str, Any] | None:
+        """One command by id, or None."""
+        return queries.command(self._reader, command_id)
 
     async def put_state(self, plugin: str, key: str, value: Any) -> None:
         """Keep a JSON value for a plugin across restarts."""
