@@ -23,7 +23,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from immune import __version__
+from immune import __version__, cli_rules
 from immune import config as config_mod
 from immune.config import Config
 from immune.errors import ConfigError, ImmuneError, StorageError
@@ -39,6 +39,7 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Manage the database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(cli_rules.app, name="rules")
 
 console = Console()
 err_console = Console(stderr=True)

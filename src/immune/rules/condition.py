@@ -360,7 +360,9 @@ def _regex(
         try:
             compile_regex(value)
         except re2.error as exc:
-            reason = f"{name}: regex {value!r} is refused by RE2: {exc}"
+            why = exc.args[0] if exc.args else exc
+            why = why.decode(errors="replace") if isinstance(why, bytes) else why
+            reason = f"{name}: regex {value!r} is refused by RE2: {why}"
             raise ctx.error(reason, where, "regex") from None
     pattern = compile_regex("|".join(f"(?:{v})" for v in values))
     search = pattern.search

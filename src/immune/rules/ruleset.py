@@ -171,7 +171,6 @@ def load_rules(
             if strict:
                 raise error from None
             ruleset.errors.append(error)
-            logger.error("Refused rule file %s.", error)
             old = (fallback or {}).get(str(path))
             if old is not None:
                 add_text(ruleset, old, str(path))
