@@ -332,6 +332,8 @@ def check_id(obj: Mapping[str, Any], context: Context) -> str:
             f"id {ident!r} must be 1 to 128 lower-case letters, digits, '.', '_' "
             "or '-', starting with a letter or digit"
         )
+        if isinstance(ident, bool):
+            reason += " (YAML reads yes, no, on and off as true or false: quote it)"
         raise context.error(reason, obj, "id" if "id" in obj else None)
     return ident
 
