@@ -85,7 +85,8 @@ def test_ruleset_index_by_kind_puts_kindless_rules_everywhere():
         ("rulez: []\n", 1, "unknown section 'rulez'"),
         ("lists:\n  l: []\n", 2, "non-empty list"),
         (
-            "rules:\n  - id: x\n    condition: {uid: 0}\n  - id: x\n    condition: {uid: 1}\n",
+            "rules:\n  - id: x\n    condition: {uid: 0}\n"
+            "  - id: x\n    condition: {uid: 1}\n",
             4,
             "already used",
         ),
