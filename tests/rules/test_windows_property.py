@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from immune.metrics import Metrics
 from immune.rules import Correlator
 
-from .helpers import NS, T0, ev, ruleset
+from .helpers import NS, ev, ruleset
 
 
 def threshold(count: int, window: int, max_keys: int = 10_000) -> str:
