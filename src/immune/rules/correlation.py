@@ -523,10 +523,11 @@ def _sequence(
         if stage == last:
             return candidate[2]
         current = levels[stage + 1]
-        # A later start leaves more time for the stages to come.
+        # A later start leaves more time for the stages to come; on a tie,
+        # the first evidence is kept.
         if (
             current is None
-            or candidate[0] >= current[0]
+            or candidate[0] > current[0]
             or (ts - current[0] > corr.window_ns)
         ):
             levels[stage + 1] = candidate
