@@ -168,7 +168,10 @@ async def test_scenario_lateral_movement_gives_one_alert(hive):
     alert = only(alerts, "lateral-movement")
     assert alert.severity == "critical"
     assert alert.data["key"] == f"indicator={c2}"
-    assert alert.data["agents"] == ["ws-1", "ws-2", "ws-3"]
+    # Alerts of different agents cross the bus on different shards: which
+    # three come first is not fixed, that three of the four count is.
+    agents = alert.data["agents"]
+    assert len(agents) == 3 and set(agents) <= {"ws-1", "ws-2", "ws-3", "ws-4"}
     assert alert.data["rules"] == ["connect-to-blocked-port"]
     assert len(alert.data["alert_ids"]) == 3
     assert len(alert.event_ids) == 3
