@@ -398,19 +398,30 @@ def _type(obj: Any) -> str:
     return f"{type(obj).__name__} {obj!r}"
 
 
-def kinds_of(obj: Any) -> frozenset[str] | None:
-    """The event kinds a condition can match, when it says (None: any kind)."""
+def kinds_of(
+    obj: Any, macros: Mapping[str, Any] | None = None
+) -> frozenset[str] | None:
+    """The event kinds a condition can match, when it says (None: any kind).
+
+    Args:
+        obj: a condition that compiled (so its macros have no loops).
+        macros: the macros it may use.
+    """
     if not isinstance(obj, Mapping):
         return None
     found: frozenset[str] | None = None
     for key, value in obj.items():
-        kinds = _kinds_entry(key, value)
+        kinds = _kinds_entry(key, value, macros or {})
         if kinds is not None:
             found = kinds if found is None else found & kinds
     return found
 
 
-def _kinds_entry(key: Any, value: Any) -> frozenset[str] | None:
+def _kinds_entry(
+    key: Any, value: Any, macros: Mapping[str, Any]
+) -> frozenset[str] | None:
+    if key == "macro" and isinstance(value, str) and value in macros:
+        return kinds_of(macros[value], macros)
     if key == "kind":
         if isinstance(value, str):
             return frozenset({value})
@@ -425,10 +436,10 @@ def _kinds_entry(key: Any, value: Any) -> frozenset[str] | None:
                     return frozenset(inner)
         return None
     if key == "all" and isinstance(value, list):
-        results = [k for k in map(kinds_of, value) if k is not None]
+        results = [k for k in (kinds_of(v, macros) for v in value) if k is not None]
         return frozenset.intersection(*results) if results else None
     if key == "any" and isinstance(value, list):
-        options = [kinds_of(item) for item in value]
+        options = [kinds_of(item, macros) for item in value]
         if options and all(k is not None for k in options):
             return frozenset().union(*(k for k in options if k is not None))
     return None

@@ -26,10 +26,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from immune.events import SEVERITY_RANK, Alert, Event, Severity, new_id
+from immune.events import KINDS, SEVERITY_RANK, Alert, Event, Severity, new_id
 from immune.metrics import Metrics
 from immune.rules import _yaml
-from immune.rules.condition import FIELDS, Context, Predicate, compile_condition, getter
+from immune.rules.condition import (
+    FIELDS,
+    Context,
+    Predicate,
+    compile_condition,
+    getter,
+    kinds_of,
+)
 from immune.rules.ruleset import (
     Rule,
     check_bool,
@@ -92,6 +99,8 @@ class Filter:
     alert_rules: frozenset[str] | None = None
     min_rank: int = 0
     plugin: str | None = None
+    #: The event kinds an event filter can match (None: any).
+    kinds: frozenset[str] | None = None
 
     def matches(self, item: Item) -> bool:
         if isinstance(item, Event):
@@ -134,6 +143,17 @@ class Correlation:
     def on(self) -> set[str]:
         """What the correlation looks at: ``event``, ``alert`` or both."""
         return {f.on for f in self.filters}
+
+    def kinds(self) -> frozenset[str] | None:
+        """The event kinds any of its filters can match (None: any)."""
+        found: set[str] = set()
+        for filt in self.filters:
+            if filt.on != "event":
+                continue
+            if filt.kinds is None:
+                return None
+            found |= filt.kinds
+        return frozenset(found)
 
 
 def parse_correlation(
@@ -250,14 +270,19 @@ def _filter(
     if set(obj) & {"min_severity", "plugin"}:
         raise context.error("min_severity and plugin: only with alert:", obj)
     tests: list[Predicate] = []
+    kinds: list[frozenset[str] | None] = []
     for rule_id in _names(obj, "rule", context):
         if rule_id not in rules:
             raise context.error(f"unknown rule {rule_id!r}", obj, "rule")
         tests.append(rules[rule_id].matches)
+        kinds.append(rules[rule_id].kinds)
     if "condition" in obj:
         tests.append(compile_condition(obj["condition"], context))
+        kinds.append(kinds_of(obj["condition"], context.macros))
     test = tests[0] if len(tests) == 1 else (lambda e: all(t(e) for t in tests))
-    return Filter(name=name, on="event", event_test=test)
+    limits = [k for k in kinds if k is not None]
+    can_match = frozenset.intersection(*limits) if limits else None
+    return Filter(name=name, on="event", event_test=test, kinds=can_match)
 
 
 def _alert_filter(obj: Mapping[str, Any], name: str, context: Context) -> Filter:
@@ -393,7 +418,12 @@ class Correlator:
             c.id: OrderedDict() for c in self.correlations
         }
         self.now: dict[str, int] = {c.id: 0 for c in self.correlations}
-        self._on_events = [c for c in self.correlations if "event" in c.on]
+        on_events = [c for c in self.correlations if "event" in c.on]
+        # Correlations indexed by the event kinds they can use, as rules are.
+        self._by_kind = {
+            kind: [c for c in on_events if (k := c.kinds()) is None or kind in k]
+            for kind in KINDS
+        }
         self._on_alerts = [c for c in self.correlations if "alert" in c.on]
 
     def keys(self, correlation_id: str) -> int:
@@ -403,7 +433,11 @@ class Correlator:
     def feed(self, item: Item) -> list[Finding]:
         """Take one event or alert; return the correlations it completes."""
         found = []
-        for corr in self._on_events if isinstance(item, Event) else self._on_alerts:
+        if isinstance(item, Event):
+            chosen = self._by_kind.get(item.kind, ())
+        else:
+            chosen = self._on_alerts
+        for corr in chosen:
             finding = self._feed_one(corr, item)
             if finding is not None:
                 found.append(finding)

@@ -318,7 +318,9 @@ def parse_rule(obj: Mapping[str, Any], context: Context) -> Rule:
         enabled=check_bool(obj, "enabled", context, True),
         condition=compile_condition(obj["condition"], context),
         exceptions=tuple(compile_condition(e, context) for e in exceptions),
-        kinds=kinds if kinds is not None else kinds_of(obj["condition"]),
+        kinds=kinds
+        if kinds is not None
+        else kinds_of(obj["condition"], context.macros),
         file=context.file,
         line=_yaml.line_of(obj),
         tests=list(tests),
