@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from immune import config as config_mod
 from immune.events import Alert, Event, now_ns
 from immune.hive import Hive
@@ -152,7 +154,7 @@ async def settle(hive: Hive) -> None:
 
 
 async def hive_run(
-    events: list[Event], paths: list[str], idle_samples: int
+    events: list[Event], paths: list[str], idle_samples: int, load_rate: int
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         hive = make_hive(Path(tmp), paths)
@@ -170,21 +172,20 @@ async def hive_run(
             latency.samples.clear()
             start = time.perf_counter()
             for offset in range(0, len(events), 500):
-                batch = events[offset : offset + 500]
-                for event in batch:
-                    if event.id.startswith("m"):
-                        latency.sent[event.id] = time.perf_counter()
-                await hive.ingest(batch)
+                await hive.ingest(events[offset : offset + 500])
             await settle(hive)
             elapsed = time.perf_counter() - start
+            raised = alerts[0]
+            latency.sent.clear()
+            loaded = await paced_latency(hive, latency, events, load_rate)
         finally:
             await hive.stop()
             hive.store.close()
     return {
         "rate": len(events) / elapsed,
-        "alerts": alerts[0],
+        "alerts": raised,
         "idle": idle,
-        "loaded": latency.samples,
+        "loaded": loaded,
     }
 
 
@@ -195,6 +196,29 @@ async def idle_latency(hive: Hive, latency: Latency, samples: int) -> list[float
         latency.sent[event.id] = time.perf_counter()
         await hive.ingest([event])
         await settle(hive)
+    return list(latency.samples)
+
+
+async def paced_latency(
+    hive: Hive, latency: Latency, events: list[Event], rate: int
+) -> list[float]:
+    """Latency of the malicious events while ingesting at ``rate`` events/s,
+    in batches of 100 (the events get new ids, so their alerts are new)."""
+    latency.samples.clear()
+    loop = asyncio.get_running_loop()
+    begin = loop.time()
+    for n, offset in enumerate(range(0, len(events), 100)):
+        batch = [
+            msgspec.structs.replace(e, id=f"p{e.id}", ts=now_ns())
+            for e in events[offset : offset + 100]
+        ]
+        due = begin + n * 100 / rate
+        await asyncio.sleep(max(0.0, due - loop.time()))
+        for event in batch:
+            if event.id.startswith("pm"):
+                latency.sent[event.id] = time.perf_counter()
+        await hive.ingest(batch)
+    await settle(hive)
     return list(latency.samples)
 
 
@@ -215,28 +239,29 @@ async def main() -> None:
         "--rules", action="append", default=[], help="extra rule files or dirs"
     )
     parser.add_argument("--idle-samples", type=int, default=300)
+    parser.add_argument(
+        "--load-rate", type=int, default=10_000, help="events/s for latency under load"
+    )
     args = parser.parse_args()
 
     events = make_stream(args.events)
-    print(
-        f"python {platform.python_version()} on {platform.machine()}, {len(events):,} events"
-    )
+    python = platform.python_version()
+    print(f"python {python} on {platform.machine()}, {len(events):,} events")
     engine = engine_rate(events, args.rules)
     print(
-        f"detection set: {engine['rules']} rules, {engine['correlations']} correlations; "
-        f"{engine['hits']:,} rule matches"
+        f"detection set: {engine['rules']} rules, {engine['correlations']} "
+        f"correlations; {engine['hits']:,} rule matches"
     )
     print(f"engine, rules only:              {engine['rules_only']:>10,.0f} events/s")
-    print(
-        f"engine, rules and correlations:  {engine['rules_and_correlations']:>10,.0f} events/s"
-    )
-    result = await hive_run(events, args.rules, args.idle_samples)
+    both = engine["rules_and_correlations"]
+    print(f"engine, rules and correlations:  {both:>10,.0f} events/s")
+    result = await hive_run(events, args.rules, args.idle_samples, args.load_rate)
     print(
         f"hive bus, rules + correlate:     {result['rate']:>10,.0f} events/s "
         f"({result['alerts']:,} alerts)"
     )
     print(f"latency, idle hive:    {quantiles(result['idle'])}")
-    print(f"latency, under load:   {quantiles(result['loaded'])}")
+    print(f"latency at {args.load_rate:,} events/s: {quantiles(result['loaded'])}")
 
 
 if __name__ == "__main__":
