@@ -104,11 +104,9 @@ class Filter:
 
     def matches(self, item: Item) -> bool:
         if isinstance(item, Event):
-            return (
-                self.on == "event"
-                and self.event_test is not None
-                and (self.event_test(item))
-            )
+            if self.on != "event" or self.event_test is None:
+                return False
+            return self.event_test(item)
         if self.on != "alert" or SEVERITY_RANK[item.severity] < self.min_rank:
             return False
         if self.plugin is None and item.plugin == "correlate":
@@ -418,13 +416,27 @@ class Correlator:
             c.id: OrderedDict() for c in self.correlations
         }
         self.now: dict[str, int] = {c.id: 0 for c in self.correlations}
-        on_events = [c for c in self.correlations if "event" in c.on]
-        # Correlations indexed by the event kinds they can use, as rules are.
-        self._by_kind = {
-            kind: [c for c in on_events if (k := c.kinds()) is None or kind in k]
-            for kind in KINDS
-        }
-        self._on_alerts = [c for c in self.correlations if "alert" in c.on]
+        # For each event kind, the correlations and stages that can use it,
+        # so that an event is tested against those filters alone.
+        self._by_kind: dict[str, list[tuple[Correlation, list[tuple[int, Filter]]]]]
+        self._by_kind = {kind: self._index(kind) for kind in KINDS}
+        self._on_alerts = [
+            (c, [(n, f) for n, f in enumerate(c.filters) if f.on == "alert"])
+            for c in self.correlations
+            if "alert" in c.on
+        ]
+
+    def _index(self, kind: str) -> list[tuple[Correlation, list[tuple[int, Filter]]]]:
+        index = []
+        for corr in self.correlations:
+            filters = [
+                (n, f)
+                for n, f in enumerate(corr.filters)
+                if f.on == "event" and (f.kinds is None or kind in f.kinds)
+            ]
+            if filters:
+                index.append((corr, filters))
+        return index
 
     def keys(self, correlation_id: str) -> int:
         """How many keys a correlation holds state for."""
@@ -437,16 +449,18 @@ class Correlator:
             chosen = self._by_kind.get(item.kind, ())
         else:
             chosen = self._on_alerts
-        for corr in chosen:
-            finding = self._feed_one(corr, item)
+        for corr, filters in chosen:
+            stages = [n for n, f in filters if f.matches(item)]
+            if not stages:
+                continue
+            finding = self._feed_one(corr, stages, item)
             if finding is not None:
                 found.append(finding)
         return found
 
-    def _feed_one(self, corr: Correlation, item: Item) -> Finding | None:
-        stages = [n for n, f in enumerate(corr.filters) if f.matches(item)]
-        if not stages:
-            return None
+    def _feed_one(
+        self, corr: Correlation, stages: list[int], item: Item
+    ) -> Finding | None:
         key = tuple(key_part(item, part) for part in corr.key)
         if any(part is None for part in key):
             self.metrics.inc("correlate.unkeyed")
