@@ -20,6 +20,7 @@ quiet after firing), ``correlate.late``, ``correlate.unkeyed``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -103,7 +104,7 @@ class CorrelatePlugin:
 
     async def on_reload(self, _message: Any) -> None:
         """Reload the rule files now (anything published on ``rules.reload``)."""
-        self.use(self.source.load())
+        self.use(await asyncio.to_thread(self.source.load))
 
     async def feed(self, item: Item) -> None:
         """Give an event or an alert to the correlations; raise what fires."""

@@ -15,6 +15,7 @@ running keep running. See ``docs/rules.md``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +80,7 @@ class RulesPlugin:
 
     async def on_reload(self, _message: Any) -> None:
         """Reload the rule files now (anything published on ``rules.reload``)."""
-        self.source.load()
+        await asyncio.to_thread(self.source.load)
 
     async def check(self, event: Event) -> None:
         """Raise an alert for each enabled rule the event matches."""
