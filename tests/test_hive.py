@@ -111,9 +111,17 @@ async def test_hive_stores_events_from_mqtt_and_raises_alerts(
         "/usr/bin/ls",
         "/tmp/x",
     }
-    rules = sorted(a["rule"] for a in store.alerts())
-    # Each delivery is examined; alert de-duplication is a later issue.
-    assert rules == sorted(["exec-from-temp-dir", "setuid-to-root"] * 2)
+    rules = sorted((a["plugin"], a["rule"]) for a in store.alerts())
+    # Each delivery is examined; alert de-duplication is a later issue. The
+    # exploit catalogue and the default rules both detect these two.
+    assert rules == sorted(
+        [
+            (p, r)
+            for p in ("exploit", "rules")
+            for r in ("exec-from-temp-dir", "setuid-to-root")
+        ]
+        * 2
+    )
     agents = {a["id"]: a for a in store.agents()}
     assert agents["web-1"]["status"] == "online"
     await hive.stop()  # here, while the test's database still exists
