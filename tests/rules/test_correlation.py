@@ -245,3 +245,21 @@ def test_correlation_refusals(body, words):
         ruleset(text)
     assert words in info.value.reason
     assert info.value.line is not None
+
+
+def test_sequence_stage_may_be_an_alert_of_a_rule():
+    text = """\
+correlations:
+  - id: alert-then-exec
+    type: sequence
+    key: agent
+    window: 60
+    stages:
+      - {alert: connect-to-blocked-port, min_severity: high}
+      - {condition: {kind: exec, exe_name: sh}}
+"""
+    first = alert("a1", 0)
+    found, _, _ = run(text, [first, ev("exec", agent="a1", at=5, exe="/bin/sh")])
+    assert [i.id for i in found[0].items][0] == first.id
+    low = alert("a1", 0, severity="medium")
+    assert run(text, [low, ev("exec", agent="a1", at=5, exe="/bin/sh")])[0] == []
