@@ -23,7 +23,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from immune import __version__, cli_sigma
+from immune import __version__, cli_rules, cli_sigma
 from immune import config as config_mod
 from immune.cli_pki import app as pki_app
 from immune.cli_response import response_app as _response_app
@@ -44,6 +44,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(cli_sigma.app, name="sigma")
 app.add_typer(_response_app, name="response")
 app.add_typer(pki_app, name="pki")
+app.add_typer(cli_rules.app, name="rules")
 
 console = Console()
 err_console = Console(stderr=True)
