@@ -208,6 +208,8 @@ def decode_batch(
         raise EventError(_not_an_object(payload)) from None
     except msgspec.DecodeError as exc:
         raise EventError(f"payload is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise EventError(_TOO_DEEP.format(where="payload")) from None
 
     if "events" not in top:
         items, prefix = [msgspec.Raw(payload)], "$"
@@ -216,15 +218,17 @@ def decode_batch(
         # event only to find out which ones are bad.
         try:
             events = _events_decoder.decode(top["events"])
-        except msgspec.ValidationError:
-            pass
+        except (msgspec.DecodeError, RecursionError):
+            pass  # a bad event (invalid UTF-8 and too deep included): go one by one
         else:
             if agent_id is None or all(e.agent_id == agent_id for e in events):
                 return events, []
         try:
             items = _list_decoder.decode(top["events"])
-        except msgspec.ValidationError:
+        except msgspec.DecodeError:
             raise EventError("`events` must be a JSON array", "$.events") from None
+        except RecursionError:
+            raise EventError(_TOO_DEEP.format(where="$.events"), "$.events") from None
         prefix = "$.events[{}]"
 
     good: list[Event] = []
@@ -234,6 +238,16 @@ def decode_batch(
             event = _event_decoder.decode(item)
         except msgspec.ValidationError as exc:
             reason, _field = _reason(exc, prefix.format(index))
+            bad.append(Rejected(index=index, reason=reason, raw=bytes(item)))
+            continue
+        except msgspec.DecodeError as exc:
+            # Well-formed JSON around the event, but not inside it (a string
+            # that is not UTF-8): refuse this event, not the whole batch.
+            reason = f"event at {prefix.format(index)} is not valid JSON: {exc}"
+            bad.append(Rejected(index=index, reason=reason, raw=bytes(item)))
+            continue
+        except RecursionError:
+            reason = _TOO_DEEP.format(where=f"event at {prefix.format(index)}")
             bad.append(Rejected(index=index, reason=reason, raw=bytes(item)))
             continue
         if agent_id is not None and event.agent_id != agent_id:
@@ -247,6 +261,7 @@ def decode_batch(
     return good, bad
 
 
+_TOO_DEEP = "{where} is nested too deeply to decode"
 _top_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _event_decoder = msgspec.json.Decoder(Event)

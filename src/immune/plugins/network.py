@@ -23,6 +23,7 @@ from immune.errors import EventError
 from immune.events import Alert, decode_batch, encode, now_ns
 from immune.hookspecs import hookimpl
 from immune.mqtt import Backoff, BrokerAddress, client_kwargs, parse_url
+from immune.safe import printable
 
 if TYPE_CHECKING:
     from immune.hive import Hive
@@ -191,6 +192,13 @@ class NetworkPlugin:
             counter = "events.rejected" if leaf == topics.EVENTS else "agents.rejected"
             hive.metrics.inc(counter)
             await hive.dead_letter(topic, exc.reason, bytes(payload))
+        except Exception as exc:  # noqa: BLE001 - one message must not stop ingestion
+            # A message the checks above did not foresee: keep it and go on
+            # with the next one rather than lose the connection's task.
+            hive.metrics.inc("mqtt.handler_errors")
+            logger.exception("Failed on a message from %s.", printable(topic))
+            reason = f"internal error on this message: {type(exc).__name__}: {exc}"
+            await hive.dead_letter(topic, reason, bytes(payload))
 
     async def _events(self, topic: str, agent_id: str, payload: bytes) -> None:
         hive = self.hive
@@ -216,6 +224,8 @@ class NetworkPlugin:
             hello = msgspec.json.decode(payload, type=AgentHello)
         except msgspec.DecodeError as exc:
             raise EventError(f"invalid {leaf} message: {exc}") from None
+        except RecursionError:
+            raise EventError(f"{leaf} message is nested too deeply to decode") from None
         if hello.agent_id != agent_id:
             msg = f"{leaf} claims agent {hello.agent_id!r} on the topic of {agent_id!r}"
             raise EventError(msg)
