@@ -113,7 +113,9 @@ events = st.builds(
     argv=st.none() | st.lists(text, max_size=5),
     port=st.none() | st.integers(0, 65535),
     extra=st.none()
-    | st.dictionaries(text, st.integers() | text | st.none(), max_size=3),
+    | st.dictionaries(
+        text, st.integers(-(2**63), 2**63 - 1) | text | st.none(), max_size=3
+    ),
 )
 
 

@@ -1,10 +1,11 @@
-"""Payloads that once stopped the hive's MQTT ingestion for good.
+"""Payloads that once stopped the hive's MQTT ingestion or its storage for good.
 
 Invalid UTF-8 inside a JSON string and JSON nested deeper than the decoder's
 recursion limit passed the envelope checks and then raised something other
 than a validation error, which ended the network plugin's task: the hive kept
-running but stored nothing more. Each must become a dead letter with a reason
-while good events keep flowing.
+running but stored nothing more. An integer beyond 64 bits passed validation
+and then failed in the storage writer on every retry. Each must become a dead
+letter with a reason while good events keep flowing.
 """
 
 from __future__ import annotations
@@ -70,6 +71,27 @@ def test_hostile_deep_nesting_is_refused_whole_with_a_reason(payload: bytes) -> 
     assert info.value.reason == "payload is nested too deeply to decode"
 
 
+@pytest.mark.parametrize(
+    ("field", "path"),
+    [
+        (b'"extra":{"k":99999999999999999999999}', "$.extra[...]"),
+        (b'"extra":{"k":-9223372036854775809}', "$.extra[...]"),
+        (b'"exit_code":18446744073709551616', "$.exit_code"),
+    ],
+)
+def test_hostile_integer_beyond_64_bits_is_refused_at_the_door(
+    field: bytes, path: str
+) -> None:
+    # Such an integer used to pass validation and then fail in the storage
+    # writer on every retry, so that nothing after it was ever stored.
+    payload = _raw_event("big-1")[:-1] + b"," + field + b"}"
+    good, bad = decode_batch(payload, max_bytes=1 << 20)
+    assert good == []
+    assert len(bad) == 1
+    assert bad[0].reason.endswith(f"at {path}")
+    assert "922337203685477580" in bad[0].reason
+
+
 def _mosquitto_pub(broker: str, topic: str, path: Path) -> None:
     address = parse_url(broker)
     cmd = ["mosquitto_pub", "-h", address.host, "-p", str(address.port), "-q", "1"]
@@ -96,6 +118,7 @@ async def test_hostile_payloads_from_mosquitto_pub_do_not_stop_ingestion(
     config.mqtt.persistent_session = False
     config.mqtt.client_id = f"immune-test-{uuid.uuid4().hex[:12]}"
     config.plugins["alert"] = {"console": False, "file": ""}
+    config.hive.shutdown_timeout = 2
     hive = Hive(config)
     await hive.start()
     try:
@@ -103,8 +126,10 @@ async def test_hostile_payloads_from_mosquitto_pub_do_not_stop_ingestion(
         await asyncio.wait_for(network.connected.wait(), 10)
         events = f"{mqtt_prefix}/agents/web-1/events"
         register = f"{mqtt_prefix}/agents/web-1/register"
+        big = _raw_event("big-int")[:-1] + b',"extra":{"k":' + b"9" * 30 + b"}}"
         hostile = {
             "utf8.json": (events, _raw_event("bad-utf8", b"h\xff\xfe")),
+            "big.json": (events, big),
             "deep.json": (events, b'{"events":[' + _nested(20_000) + b"]}"),
             "deep-register.json": (
                 register,
@@ -122,12 +147,13 @@ async def test_hostile_payloads_from_mosquitto_pub_do_not_stop_ingestion(
         )
 
         await _until(lambda: hive.metrics.get("events.accepted") == 1)
-        await _until(lambda: hive.metrics.get("deadletters") == 3)
+        await _until(lambda: hive.metrics.get("deadletters") == 4)
         await hive.bus.join()
-        await hive.store.flush()
+        await asyncio.wait_for(hive.store.flush(), 10)
         assert [e["id"] for e in hive.store.events()] == [good_id]
         reasons = sorted(d["reason"] for d in hive.store.dead_letters())
         assert reasons == [
+            "Expected `int` <= 9223372036854775807 at $.extra[...]",
             "event at $ is not valid JSON: Invalid UTF-8 encoded string",
             "payload is nested too deeply to decode",
             "register message is nested too deeply to decode",

@@ -52,9 +52,11 @@ Id32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 Pid = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 TimestampNs = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
+# Any other integer: what a database column and every encoder take.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 Argv = Annotated[list[Text], msgspec.Meta(max_length=1024)]
 Extra = Annotated[
-    dict[ShortText, Text | int | float | bool | None], msgspec.Meta(max_length=64)
+    dict[ShortText, Text | Int64 | float | bool | None], msgspec.Meta(max_length=64)
 ]
 
 
@@ -88,7 +90,7 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     addr: ShortText | None = None
     port: Port | None = None
     family: Family | None = None
-    exit_code: int | None = None
+    exit_code: Int64 | None = None
     outcome: Outcome = "allowed"
     severity: Severity = "info"
     sensor: ShortText = "unknown"
