@@ -131,6 +131,10 @@ async def test_hostile_payloads_from_mosquitto_pub_do_not_stop_ingestion(
             "utf8.json": (events, _raw_event("bad-utf8", b"h\xff\xfe")),
             "big.json": (events, big),
             "deep.json": (events, b'{"events":[' + _nested(20_000) + b"]}"),
+            "big-heartbeat.json": (
+                f"{mqtt_prefix}/agents/web-1/heartbeat",
+                b'{"agent_id":"web-1","counters":{"sent":' + b"9" * 30 + b"}}",
+            ),
             "deep-register.json": (
                 register,
                 b'{"agent_id":"web-1","x":' + _nested(20_000) + b"}",
@@ -147,7 +151,7 @@ async def test_hostile_payloads_from_mosquitto_pub_do_not_stop_ingestion(
         )
 
         await _until(lambda: hive.metrics.get("events.accepted") == 1)
-        await _until(lambda: hive.metrics.get("deadletters") == 4)
+        await _until(lambda: hive.metrics.get("deadletters") == 5)
         await hive.bus.join()
         await asyncio.wait_for(hive.store.flush(), 10)
         assert [e["id"] for e in hive.store.events()] == [good_id]
@@ -155,6 +159,8 @@ async def test_hostile_payloads_from_mosquitto_pub_do_not_stop_ingestion(
         assert reasons == [
             "Expected `int` <= 9223372036854775807 at $.extra[...]",
             "event at $ is not valid JSON: Invalid UTF-8 encoded string",
+            "invalid heartbeat message: Expected `int` <= 9223372036854775807 - at "
+            "`$.counters[...]`",
             "payload is nested too deeply to decode",
             "register message is nested too deeply to decode",
         ]

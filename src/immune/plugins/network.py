@@ -20,7 +20,7 @@ import orjson
 
 from immune import topics
 from immune.errors import EventError
-from immune.events import Alert, decode_batch, encode, now_ns
+from immune.events import Alert, Int64, decode_batch, encode, now_ns
 from immune.hookspecs import hookimpl
 from immune.mqtt import Backoff, BrokerAddress, client_kwargs, parse_url
 from immune.safe import printable
@@ -44,9 +44,9 @@ class AgentHello(msgspec.Struct, kw_only=True):
     kernel: str = ""
     version: str = ""
     sensors: list[str] = msgspec.field(default_factory=list)
-    started: int | None = None
+    started: Int64 | None = None
     status: str | None = None
-    counters: dict[str, int | float] = msgspec.field(default_factory=dict)
+    counters: dict[str, Int64 | float] = msgspec.field(default_factory=dict)
 
 
 class NetworkPlugin:
