@@ -29,7 +29,7 @@ from immune.cli_pki import app as pki_app
 from immune.cli_response import response_app as _response_app
 from immune.config import Config
 from immune.errors import ConfigError, ImmuneError, StorageError
-from immune.events import SEVERITIES
+from immune.events import KINDS, SEVERITIES
 from immune.safe import printable
 
 app = typer.Typer(
@@ -144,22 +144,35 @@ def parse_since(text: str | None) -> int | None:
     match = _DURATION.match(text.strip())
     if match:
         seconds = float(match.group(1)) * _UNIT[match.group(2)]
-        return time.time_ns() - int(seconds * 1e9)
+        # Longer ago than 1970 means everything (and keeps the bound an int
+        # every database takes).
+        return max(0, time.time_ns() - int(seconds * 1e9))
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
         msg = f"--since {text!r}: use a duration like 10m, 2h, 1d or an ISO time"
         raise ConfigError(msg) from None
-    return int(when.timestamp() * 1e9)
+    try:
+        ns = int(when.timestamp() * 1e9)
+    except (OverflowError, OSError, ValueError):
+        ns = 0 if when.year < 1970 else 2**63 - 1  # beyond what the clock takes
+    return min(max(0, ns), 2**63 - 1)
 
 
 def _store() -> Any:
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
     from immune.storage import Store
 
     cfg = _config()
-    url = make_url(cfg.hive.database)
+    try:
+        url = make_url(cfg.hive.database)
+    except ArgumentError:
+        msg = (
+            f"invalid database URL {printable(cfg.hive.database)!r} in [hive] database"
+        )
+        raise StorageError(msg) from None
     if url.get_backend_name() == "sqlite" and not Path(url.database or "").exists():
         # Reading must not leave an empty database file behind.
         msg = (
@@ -245,6 +258,8 @@ def events(
     as_json: Json = False,
 ) -> None:
     """Show stored events, newest first."""
+    if kind is not None and kind not in KINDS:
+        raise ConfigError(f"--kind must be one of {', '.join(KINDS)}")
     since_ns = parse_since(since)
     store = _store()
     try:
@@ -326,7 +341,9 @@ def db_upgrade() -> None:
         store.upgrade()
     finally:
         store.close()
-    console.print(f"Database {printable(cfg.hive.database)} is up to date.")
+    # The URL may hold a password: show it the way the store does, without.
+    shown = store.url.render_as_string(hide_password=True)
+    console.print(f"Database {printable(shown)} is up to date.")
 
 
 from immune.cli_replay import replay  # noqa: E402  (it imports this module)

@@ -3,7 +3,9 @@
 Every setting has a default, so IMMUNE runs with no file at all. A variable
 ``IMMUNE_<SECTION>__<KEY>`` overrides ``[section] key`` (for example
 ``IMMUNE_MQTT__URL=mqtts://broker:8883``); its value is read as TOML when it
-parses as such (numbers, booleans, arrays) and as a plain string otherwise.
+parses as such (numbers, booleans, arrays) and as a plain string otherwise,
+and always as a plain string for a setting that is text (a password of
+digits stays a string).
 """
 
 from __future__ import annotations
@@ -161,6 +163,23 @@ def state_dir() -> Path:
     return Path.home() / ".local" / "state" / "immune"
 
 
+_SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "hive": HiveConfig,
+    "storage": StorageConfig,
+    "mqtt": MqttConfig,
+    "agent": AgentConfig,
+}
+
+
+def _is_text_setting(path: list[str]) -> bool:
+    """Whether ``[section] key`` is a string setting (a password, an id...)."""
+    section = _SECTIONS.get(path[0]) if len(path) == 2 else None
+    if section is None:
+        return False
+    types = {f.name: f.type for f in msgspec.structs.fields(section)}
+    return types.get(path[1]) in (str, str | None)
+
+
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for name, raw in environ.items():
@@ -168,7 +187,9 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         try:
-            value = tomllib.loads(f"v = {raw}")["v"]
+            # A password "123456" or an agent id "2024-01-01" is text, not
+            # the number or date TOML would make of it.
+            value = raw if _is_text_setting(path) else tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
         node = tree

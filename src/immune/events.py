@@ -52,9 +52,9 @@ Id32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 Pid = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 TimestampNs = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
-Argv = Annotated[list[Text], msgspec.Meta(max_length=1024)]
-#: Integers JSON encoders and both databases take: 64-bit signed.
+# Any other integer: what a database column and every encoder take.
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+Argv = Annotated[list[Text], msgspec.Meta(max_length=1024)]
 Extra = Annotated[
     dict[ShortText, Text | Int64 | float | bool | None], msgspec.Meta(max_length=64)
 ]
@@ -90,7 +90,7 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     addr: ShortText | None = None
     port: Port | None = None
     family: Family | None = None
-    exit_code: int | None = None
+    exit_code: Int64 | None = None
     outcome: Outcome = "allowed"
     severity: Severity = "info"
     sensor: ShortText = "unknown"
@@ -210,6 +210,8 @@ def decode_batch(
         raise EventError(_not_an_object(payload)) from None
     except msgspec.DecodeError as exc:
         raise EventError(f"payload is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise EventError(_TOO_DEEP.format(where="payload")) from None
 
     if "events" not in top:
         items, prefix = [msgspec.Raw(payload)], "$"
@@ -218,15 +220,17 @@ def decode_batch(
         # event only to find out which ones are bad.
         try:
             events = _events_decoder.decode(top["events"])
-        except msgspec.ValidationError:
-            pass
+        except (msgspec.DecodeError, RecursionError):
+            pass  # a bad event (invalid UTF-8 and too deep included): go one by one
         else:
             if agent_id is None or all(e.agent_id == agent_id for e in events):
                 return events, []
         try:
             items = _list_decoder.decode(top["events"])
-        except msgspec.ValidationError:
+        except msgspec.DecodeError:
             raise EventError("`events` must be a JSON array", "$.events") from None
+        except RecursionError:
+            raise EventError(_TOO_DEEP.format(where="$.events"), "$.events") from None
         prefix = "$.events[{}]"
 
     good: list[Event] = []
@@ -236,6 +240,16 @@ def decode_batch(
             event = _event_decoder.decode(item)
         except msgspec.ValidationError as exc:
             reason, _field = _reason(exc, prefix.format(index))
+            bad.append(Rejected(index=index, reason=reason, raw=bytes(item)))
+            continue
+        except msgspec.DecodeError as exc:
+            # Well-formed JSON around the event, but not inside it (a string
+            # that is not UTF-8): refuse this event, not the whole batch.
+            reason = f"event at {prefix.format(index)} is not valid JSON: {exc}"
+            bad.append(Rejected(index=index, reason=reason, raw=bytes(item)))
+            continue
+        except RecursionError:
+            reason = _TOO_DEEP.format(where=f"event at {prefix.format(index)}")
             bad.append(Rejected(index=index, reason=reason, raw=bytes(item)))
             continue
         if agent_id is not None and event.agent_id != agent_id:
@@ -249,6 +263,7 @@ def decode_batch(
     return good, bad
 
 
+_TOO_DEEP = "{where} is nested too deeply to decode"
 _top_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _event_decoder = msgspec.json.Decoder(Event)

@@ -302,7 +302,7 @@ class Hive:
         """Keep something the hive could not use, with the reason, and count it."""
         self.metrics.inc("deadletters")
         self._warn_rarely(
-            source, "Rejected input from %s: %s", source, printable(reason)
+            source, "Rejected input from %s: %s", printable(source), printable(reason)
         )
         if payload is None and raw is not None:
             payload = orjson.dumps(raw, default=str)

@@ -26,7 +26,7 @@ import orjson
 
 from immune import topics
 from immune.errors import EventError
-from immune.events import Alert, decode_batch, encode, now_ns
+from immune.events import Alert, Int64, decode_batch, encode, now_ns
 from immune.hookspecs import hookimpl
 from immune.mqtt import (
     Backoff,
@@ -36,6 +36,7 @@ from immune.mqtt import (
     session_kwargs,
 )
 from immune.plugins.network_commands import CommandDesk
+from immune.safe import printable
 
 if TYPE_CHECKING:
     from immune.hive import Hive
@@ -79,9 +80,9 @@ class AgentHello(msgspec.Struct, kw_only=True):
     kernel: str = ""
     version: str = ""
     sensors: list[str] = msgspec.field(default_factory=list)
-    started: int | None = None
+    started: Int64 | None = None
     status: str | None = None
-    counters: dict[str, int | float] = msgspec.field(default_factory=dict)
+    counters: dict[str, Int64 | float] = msgspec.field(default_factory=dict)
     spool: SpoolReport | None = None
 
 
@@ -284,6 +285,15 @@ class NetworkPlugin:
                 # Kept as a dead letter: receipt it, or the agent would send
                 # it again forever, and nothing behind it would go.
                 await self._receipt_later(agent_id, bytes(payload))
+        except Exception as exc:  # noqa: BLE001 - one message must not stop ingestion
+            # A message the checks above did not foresee: keep it and go on
+            # with the next one rather than lose the connection's task.
+            hive.metrics.inc("mqtt.handler_errors")
+            logger.exception("Failed on a message from %s.", printable(topic))
+            reason = f"internal error on this message: {type(exc).__name__}: {exc}"
+            await hive.dead_letter(topic, reason, bytes(payload))
+            if leaf == topics.EVENTS:
+                await self._receipt_later(agent_id, bytes(payload))
 
     async def _events(self, topic: str, agent_id: str, payload: bytes) -> None:
         hive = self.hive
@@ -301,7 +311,7 @@ class NetworkPlugin:
     async def _receipt_later(self, agent_id: str, payload: bytes) -> None:
         try:
             seq = _seq_decoder.decode(payload).seq
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             return
         if seq is not None:
             # After the events on the agent's bus shard: handled once storage
@@ -390,6 +400,8 @@ class NetworkPlugin:
             hello = msgspec.json.decode(payload, type=AgentHello)
         except msgspec.DecodeError as exc:
             raise EventError(f"invalid {leaf} message: {exc}") from None
+        except RecursionError:
+            raise EventError(f"{leaf} message is nested too deeply to decode") from None
         if hello.agent_id != agent_id:
             msg = f"{leaf} claims agent {hello.agent_id!r} on the topic of {agent_id!r}"
             raise EventError(msg)

@@ -111,8 +111,16 @@ class Store:
     # Lifecycle
 
     def upgrade(self) -> None:
-        """Bring the database schema to the latest migration."""
-        migrate.upgrade(self.url)
+        """Bring the database schema to the latest migration.
+
+        Raises:
+            StorageError: the database cannot be reached or refused a step.
+        """
+        try:
+            migrate.upgrade(self.url)
+        except sa.exc.SQLAlchemyError as exc:
+            msg = f"cannot upgrade the database of {self!r}: {db_reason(exc)}"
+            raise StorageError(msg) from exc
 
     async def start(self) -> None:
         """Start writing batches in the background.
