@@ -81,7 +81,8 @@ class MqttConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     username: str | None = None
     password: str | None = None
     keepalive: Positive = 30
-    #: Defaults to ``immune-hive-<hostname>`` / ``immune-agent-<agent id>``.
+    #: Defaults to ``immune-hive-<hostname>`` / ``immune-agent-<agent id>``,
+    #: plus a hash of ``topic_prefix`` when it is not the default.
     client_id: str = ""
     #: Ask the broker to keep our subscriptions and queue QoS 1 messages while
     #: we are away (MQTT clean_session false); needs a stable client_id.

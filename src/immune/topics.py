@@ -6,6 +6,7 @@ can host other traffic, and the version in it lets a future layout coexist.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 DEFAULT_PREFIX = "immune/v1"
@@ -75,3 +76,16 @@ def parse_agent_topic(prefix: str, topic: str) -> tuple[str, str] | None:
 
 def is_valid_agent_id(agent_id: str) -> bool:
     return bool(_AGENT_ID.match(agent_id))
+
+
+def default_client_id(role: str, name: str, prefix: str) -> str:
+    """The MQTT client id of a hive or agent when none is configured.
+
+    ``immune-<role>-<name>``; under a topic prefix other than the default, a
+    short hash of the prefix is added, so that two installations sharing a
+    broker (and a host name or agent id) do not take each other's session.
+    """
+    ident = f"immune-{role}-{name}"
+    if prefix != DEFAULT_PREFIX:
+        ident += "-" + hashlib.sha256(prefix.encode()).hexdigest()[:8]
+    return ident

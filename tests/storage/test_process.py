@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -91,3 +93,29 @@ async def test_store_writer_process_ignores_ctrl_c_and_stops_with_the_store(
     store.close()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_store_run_from_standard_input_writes_from_a_thread(tmp_path) -> None:
+    # A spawned child would import the main script again; `python -` has none.
+    program = f"""
+import asyncio
+from immune.events import Event
+from immune.storage import Store
+
+async def main():
+    store = Store("sqlite:///{tmp_path}/stdin.db")
+    store.upgrade()
+    await store.add_event(Event(id="e-1", agent_id="a", host="h", ts=1, kind="exec"))
+    await store.flush()
+    print(store.counts()["events"], store._process is None)
+    await store.stop()
+    store.close()
+
+asyncio.run(main())
+"""
+    result = subprocess.run(
+        [sys.executable, "-"], input=program, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "True"]
+    assert "No writer process" in result.stderr

@@ -339,7 +339,9 @@ class Agent:
             self.topic(topics.STATUS), encode(offline), qos=1, retain=True
         )
         return aiomqtt.Client(
-            identifier=f"immune-agent-{self.agent_id}",
+            identifier=topics.default_client_id(
+                "agent", self.agent_id, self.config.mqtt.topic_prefix
+            ),
             will=will,
             **client_kwargs(self.config.mqtt, self.broker),
         )

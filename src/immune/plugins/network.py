@@ -159,7 +159,9 @@ class NetworkPlugin:
         assert self.address is not None
         hive, backoff = self.hive, Backoff()
         config = hive.config.mqtt
-        identifier = config.client_id or f"immune-hive-{socket.gethostname()}"
+        identifier = config.client_id or topics.default_client_id(
+            "hive", socket.gethostname(), config.topic_prefix
+        )
         if self.group and not config.client_id:
             identifier += f"-{os.getpid()}"  # several hives on one host
         while not hive.stopping.is_set():

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
+import sys
 import threading
 from multiprocessing.connection import Connection
 from typing import Any
@@ -97,6 +99,27 @@ _encode = msgspec.msgpack.Encoder().encode
 _UncheckedEvent: Any = _unchecked(Event)
 _decode_events = msgspec.msgpack.Decoder(list[tuple[int, _UncheckedEvent]]).decode
 _decode_reply = msgspec.msgpack.Decoder(_Reply).decode
+
+
+def can_spawn() -> bool:
+    """Whether a child can be started by spawning a new interpreter.
+
+    A spawned child imports the parent's main script again; a program read
+    from standard input (``python -``) has no script to import, so its
+    store keeps the writer thread, and says so.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if getattr(main, "__spec__", None) is not None or path is None:
+        return True
+    if os.path.exists(path):
+        return True
+    logger.warning(
+        "No writer process: the main program %s cannot be imported by a child; "
+        "writing from a thread.",
+        path,
+    )
+    return False
 
 
 class WriterProcess:

@@ -36,7 +36,7 @@ from immune.storage.engine import (
     make_engine,
     normalize_url,
 )
-from immune.storage.process import WriterProcess
+from immune.storage.process import WriterProcess, can_spawn
 from immune.storage.writer import (
     Batch,
     Outcome,
@@ -84,7 +84,7 @@ class Store:
         self._sql = Statements.for_dialect(self._writer.dialect.name)
         self._process = (
             WriterProcess(self.url, busy_timeout=busy_timeout, metrics=self.metrics)
-            if self.config.writer == "process"
+            if self.config.writer == "process" and can_spawn()
             else None
         )
         self._events: list[tuple[int, Event]] = []
