@@ -102,6 +102,29 @@ def test_cred_record_reports_old_and_new_ids() -> None:
     assert event.extra == {"old_uid": 1000, "call": "setuid", "ret": 0, "args": "0"}
 
 
+def _free_pids(count: int) -> list[int]:
+    pids = [
+        pid for pid in range(3_000_000, 3_000_100) if not Path(f"/proc/{pid}").exists()
+    ]
+    return pids[:count]
+
+
+def test_child_runs_its_parents_program_until_it_execs() -> None:
+    # su's child calls setuid before it execs the shell; read later, /proc
+    # would name the shell, or nothing once the child has exited.
+    sensor, collector = offline()
+    parent, child = _free_pids(2)
+    su = b"/usr/bin/su"
+    exec_body = ebpf.EXEC.pack(len(su), 3, 1, 0, su, b"su\0")
+    sensor._record(head(ebpf.K_EXEC, pid=parent) + exec_body)
+    sensor._record(head(ebpf.K_FORK, pid=parent) + ebpf.FORK.pack(child, 0))
+    cred = ebpf.CRED.pack(1, 0, 0, 65534, 65534, 0, 0, 0)
+    sensor._record(head(ebpf.K_CRED, pid=child, ppid=parent) + cred)
+    kinds = {e.kind: e for e in collector.events}
+    assert kinds["fork"].exe == "/usr/bin/su"
+    assert kinds["setuid"].pid == child and kinds["setuid"].exe == "/usr/bin/su"
+
+
 def test_short_record_is_counted_not_decoded() -> None:
     sensor, collector = offline()
     sensor._record(head(ebpf.K_EXEC) + b"\0" * 10)
@@ -264,6 +287,9 @@ def test_live_su_yields_fork_exec_and_setuid(live) -> None:
     )
     assert setuid.old_euid == 0
     assert setuid.extra is not None and setuid.extra["ret"] == 0
+    # su's child called setuid before it ran the shell: it was still su.
+    su = os.path.realpath(shutil.which("su") or "su")
+    assert fork.exe == su and setuid.exe == su
     shell = collector.wait_for(lambda e: e.kind == "exec" and e.pid == fork.pid)
     assert shell.uid == nobody
 

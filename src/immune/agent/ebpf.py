@@ -284,6 +284,7 @@ class EbpfSensor(Sensor):
                 event = self._event(head, "exit", exit_code=exit_code(head.aux))
                 self._exes.pop(head.pid, None)
                 return event
+            self._inherit_exe(head.pid, child)
             return self._event(head, "fork", pid=child, ppid=head.pid)
         if head.kind in (K_CONNECT, K_BIND):
             return self._net(head, body)
@@ -293,6 +294,16 @@ class EbpfSensor(Sensor):
         if head.kind == K_CRED:
             return self._cred(head, body)
         return None
+
+    def _inherit_exe(self, parent: int, child: int) -> None:
+        # A child runs its parent's program until it execs: su's child calls
+        # setuid before it execs the shell, and by the time its event is read
+        # /proc would name the shell (or nothing, once it exited).
+        exe = self._exes.get(parent) or _proc_exe(parent)
+        if exe:
+            self._exes[child] = exe
+            if len(self._exes) > EXE_CACHE:
+                self._exes.popitem(last=False)
 
     def _exec(self, head: Head, body: bytes) -> Event:
         name_len, args_len, full, _, name, args = EXEC.unpack_from(body)
