@@ -100,8 +100,14 @@ def raw_sqlite_rate(events: list[Event], directory: Path) -> float:
     return len(rows) / elapsed
 
 
-async def hive_rate(events: list[Event], batch: int, url: str, directory: Path) -> dict:
+async def hive_rate(
+    events: list[Event], batch: int, url: str, directory: Path, args: argparse.Namespace
+) -> dict:
     config = config_mod.load(environ={})
+    config.storage.writer = args.writer
+    config.hive.disabled_plugins = [p for p in args.disable.split(",") if p]
+    if args.storage_batch:
+        config.storage.batch_size = args.storage_batch
     prefix = f"immune-bench/{uuid.uuid4().hex[:8]}"
     config.hive.database = f"sqlite:///{directory}/hive.db"
     config.mqtt.url = url
@@ -158,6 +164,21 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=500, help="events per message")
     parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    parser.add_argument(
+        "--writer",
+        choices=["process", "thread"],
+        default="process",
+        help="where the hive writes event rows (storage.writer)",
+    )
+    parser.add_argument(
+        "--storage-batch",
+        type=int,
+        default=None,
+        help="rows per transaction (storage.batch_size)",
+    )
+    parser.add_argument(
+        "--disable", default="", help="plugins to leave out, comma-separated"
+    )
     args = parser.parse_args()
 
     events = make_events(args.events, agent="bench-agent")
@@ -166,10 +187,10 @@ async def main() -> None:
         directory = Path(tmp)
         raw = raw_sqlite_rate(events, directory)
         if broker.reachable(parse_url(args.broker)):
-            hive = await hive_rate(events, args.batch, args.broker, directory)
+            hive = await hive_rate(events, args.batch, args.broker, directory, args)
         else:
             async with broker.mosquitto() as url:
-                hive = await hive_rate(events, args.batch, url, directory)
+                hive = await hive_rate(events, args.batch, url, directory, args)
 
     print(
         f"machine: {platform.node()}, {os.cpu_count()} cores, Python "

@@ -65,7 +65,9 @@ class HiveConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class StorageConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    batch_size: Positive = 1000
+    #: Rows per transaction. Large: the writer process spends a batch's time
+    #: on it alone, while the hive gets the next batch ready.
+    batch_size: Positive = 5000
     flush_interval: Seconds = 0.05
     #: Rows held in memory before writers wait (backpressure, never a drop).
     max_pending: Positive = 50_000
