@@ -293,3 +293,43 @@ async def test_hive_tracks_agent_registration_and_offline_status(
     # A registration naming another agent than its topic is refused.
     await publish(mqtt_broker, f"{base}/register", orjson.dumps({"agent_id": "x"}))
     await until(lambda: hive.metrics.get("deadletters") == 1)
+
+
+class BadPattern:
+    @hookimpl
+    def immune_subscriptions(self):
+        return [("event.#.x", lambda message: None)]
+
+
+async def test_hive_plugin_with_a_malformed_pattern_is_listed_as_failed(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path, f"sqlite:///{tmp_path}/h.db", "mqtt://x", "p")
+    hive = Hive(config, plugins=[("bad", BadPattern())], discover=False)
+    listed = {p.name: p for p in await hive.describe_plugins()}
+    assert listed["bad"].state == "failed"
+    assert "event.#.x" in (listed["bad"].error or "")
+    hive.store.close()
+
+
+class ExitsInConfigure:
+    @hookimpl
+    def immune_configure(self):
+        raise SystemExit("bye")
+
+
+async def test_hive_plugin_calling_sys_exit_is_failed_not_the_hive(
+    tmp_path: Path,
+) -> None:
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    (plugin_dir / "quitter.py").write_text("import sys\nsys.exit(3)\n")
+    config = make_config(tmp_path, f"sqlite:///{tmp_path}/h.db", "mqtt://x", "p")
+    config.hive.plugin_dirs = [str(plugin_dir)]
+    hive = Hive(config, plugins=[("exits", ExitsInConfigure())])
+    listed = {p.name: p for p in await hive.describe_plugins()}
+    assert listed["exits"].state == "failed" and "bye" in (listed["exits"].error or "")
+    assert listed["quitter"].state == "failed" and "3" in (
+        listed["quitter"].error or ""
+    )
+    hive.store.close()

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from immune.bus import Bus, Subscription
+from immune.bus import Bus, Subscription, check_pattern
 from immune.config import Config
 from immune.dedup import Deduplicator
 from immune.errors import StorageError
@@ -125,8 +125,10 @@ class Hive:
             stage = "immune_subscriptions"
             result = await _maybe_await(self.plugins.call_one(info, stage, hive=self))
             subs = list(result or [])
+            for pattern, _handler in subs:
+                check_pattern(pattern)  # a bad one fails the plugin now
             info.topics = [pattern for pattern, _handler in subs]
-        except Exception as exc:  # noqa: BLE001 - one plugin must not stop the hive
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - one plugin must not stop the hive
             self.plugins.fail(info, stage, exc)
             self.metrics.inc("plugins.failed")
             return None
@@ -140,7 +142,7 @@ class Hive:
             for pattern, handler in subs:
                 self.bus.subscribe(pattern, handler, owner=info.name)
             await _maybe_await(self.plugins.call_one(info, "immune_start", hive=self))
-        except Exception as exc:  # noqa: BLE001 - one plugin must not stop the hive
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - one plugin must not stop the hive
             self.bus.unsubscribe_owner(info.name)
             self.plugins.fail(info, "immune_start", exc)
             self.metrics.inc("plugins.failed")
@@ -173,7 +175,7 @@ class Hive:
                     self.plugins.call_one(info, "immune_stop", hive=self)
                 )
                 info.state = "stopped"
-            except Exception as exc:  # noqa: BLE001
+            except (Exception, SystemExit) as exc:  # noqa: BLE001
                 self.plugins.fail(info, "immune_stop", exc)
         self._started.clear()
         try:

@@ -107,7 +107,7 @@ class PluginManager:
             if inspect.isclass(obj):
                 obj = obj()
             self.pm.register(obj, name=name)
-        except Exception as exc:  # noqa: BLE001 - any import error disables one plugin
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - one plugin, even sys.exit()
             logger.error("Plugin %s (%s) failed to load: %s", name, origin, exc)
             return self._record(PluginInfo(name, origin, "failed", _short(exc)))
         info = self._record(PluginInfo(name, origin, obj=obj))
@@ -118,7 +118,7 @@ class PluginManager:
             return info
         try:
             describe = self.call_one(info, "immune_describe") or {}
-        except Exception as exc:  # noqa: BLE001
+        except (Exception, SystemExit) as exc:  # noqa: BLE001
             self.fail(info, "immune_describe", exc)
             return info
         info.description = str(describe.get("description", ""))
