@@ -30,6 +30,7 @@ import pytest
 from immune import signing
 from immune.agent import policy
 from immune.agent.commands import CommandRunner
+from immune.commands import make_command
 from immune.config import Config
 from immune.events import encode, new_id, now_ns
 from immune.hive import Hive
@@ -64,22 +65,27 @@ class Pair:
         return self.running.agent.agent_id
 
     async def command(
-        self, action: str, args: Any, timeout: float = 20.0
+        self, action: str, args: Any, timeout: float = 20.0, hive_words: bool = False
     ) -> dict[str, Any]:
-        """Publish ``command.send``; the row once it has its final state."""
-        command_id = new_id()
-        await self.hive.publish(
-            "command.send",
-            {
-                "id": command_id,
+        """Publish ``command.send``; the row once it has its final state.
+
+        With ``hive_words`` the message is made as the playbooks and the
+        response plugin make theirs (:func:`immune.commands.make_command`).
+        """
+        if hive_words:
+            message = make_command(self.agent_id, action, args, origin="playbook")
+        else:
+            message = {
+                "id": new_id(),
                 "agent_id": self.agent_id,
                 "action": action,
                 "args": args,
                 "expires_ns": now_ns() + 30 * SECOND,
                 "origin": "test",
                 "alert_id": None,
-            },
-        )
+            }
+        command_id = message["id"]
+        await self.hive.publish("command.send", message)
 
         def final() -> bool:
             row = self.hive.store.command(command_id)
@@ -129,10 +135,11 @@ async def pair_factory(
 ) -> AsyncIterator[Any]:
     """``await pair_factory(**agent_settings)``: a hive and its agent."""
 
-    async def start(**agent: Any) -> Pair:
+    async def start(plugins: dict[str, Any] | None = None, **agent: Any) -> Pair:
         config = hive_config(
             tmp_path, f"sqlite:///{tmp_path / 'hive.db'}", mqtt_broker, mqtt_prefix
         )
+        config.plugins.update(plugins or {})
         hive = await hive_factory(config)
         pair = Pair(hive, None)  # type: ignore[arg-type]
         hive.bus.subscribe("command.state", pair.states.append, owner="test")
@@ -513,3 +520,92 @@ def test_agent_actions_settings_come_from_its_config(tmp_path: Path) -> None:
     assert settings.state_dir == tmp_path / "act"
     assert settings.cgroup_prefix == "immune-x" and settings.netns == "ns-1"
     assert settings.broker == ("broker.example", 8883)  # kept by isolate
+
+
+# --- Commands as the playbooks and the response plugin write them ----------
+
+
+async def test_block_in_the_hive_words_reaches_the_agent(
+    pair_factory: Any, netns: str
+) -> None:
+    # addr, port and duration_s (immune.commands), as a `block` decision on
+    # an alert about a connect to 192.0.2.7:4444 sends them.
+    pair = await pair_factory(actions_netns=netns)
+    args = {"addr": "192.0.2.7", "port": 4444, "duration_s": 30}
+    row = await pair.command("block", args, hive_words=True)
+    assert row["state"] == "succeeded", row["error"]
+    assert row["args"] == args  # recorded as the hive said it
+    listed = nft_in(netns, "list", "set", "inet", "immune", "block4")
+    assert "192.0.2.7" in listed and "timeout 1m30s" in listed  # 30 s + margin
+    row = await pair.command(
+        "unblock", {"addr": "192.0.2.7", "port": 4444}, hive_words=True
+    )
+    assert row["state"] == "succeeded", row["error"]
+    assert "192.0.2.7" not in nft_in(netns, "list", "set", "inet", "immune", "block4")
+
+
+async def test_collect_in_the_hive_words_reaches_the_agent(
+    pair_factory: Any, sleeper: subprocess.Popen[bytes]
+) -> None:
+    # A playbook's collect carries the alert id among its args.
+    pair = await pair_factory()
+    row = await pair.command(
+        "collect", {"pid": sleeper.pid, "alert_id": new_id()}, hive_words=True
+    )
+    assert row["state"] == "succeeded", row["error"]
+    assert row["result"]["pid"] == sleeper.pid
+
+
+async def test_response_thaws_a_frozen_process_when_its_time_is_up(
+    pair_factory: Any,
+) -> None:
+    need(os.geteuid() == 0, "freeze needs root (it moves a process between cgroups)")
+    pair = await pair_factory(
+        plugins={"response": {"revert_after_s": {"freeze": 1}, "tick_s": 0.1}}
+    )
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        origin = cgroup(proc.pid)
+        row = await pair.command("freeze", {"pid": proc.pid}, hive_words=True)
+        assert row["state"] == "succeeded", row["error"]
+        assert cgroup(proc.pid) != origin
+
+        def thawed() -> list[dict[str, Any]]:
+            return [
+                s
+                for s in pair.states
+                if s["action"] == "thaw" and s["state"] in signing.FINAL_STATES
+            ]
+
+        await until(lambda: bool(thawed()), timeout=15)
+        (done,) = thawed()
+        assert done["state"] == "succeeded", done["error"]
+        assert done["result"]["thawed"] == [proc.pid]
+        assert cgroup(proc.pid) == origin and runs(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("action", "hive", "agent"),
+    [
+        (
+            "block",
+            {"addr": "10.0.0.1", "duration_s": 2.5},
+            {"address": "10.0.0.1", "duration": 63},
+        ),
+        ("block", {"addr": "10.0.0.1", "port": 4444}, {"address": "10.0.0.1"}),
+        ("block", {"port": 4444}, {"port": 4444}),
+        ("unblock", {"addr": "10.0.0.1", "duration_s": 9}, {"address": "10.0.0.1"}),
+        ("isolate", {"duration_s": 10**9}, {"duration": 7 * 24 * 3600}),
+        ("collect", {"pid": 5, "alert_id": "a-1"}, {"pid": 5}),
+        ("kill", {"pid": 5, "tree": True}, {"pid": 5, "tree": True}),
+    ],
+)
+def test_agent_args_speak_the_agent_words(
+    action: str, hive: dict[str, Any], agent: dict[str, Any]
+) -> None:
+    from immune.plugins.network_commands import agent_args
+
+    assert agent_args(action, hive) == agent
