@@ -609,3 +609,21 @@ def test_agent_args_speak_the_agent_words(
     from immune.plugins.network_commands import agent_args
 
     assert agent_args(action, hive) == agent
+
+
+async def test_isolate_keeps_the_broker_in_the_agent_netns(
+    pair_factory: Any, netns: str, mqtt_broker: str
+) -> None:
+    pair = await pair_factory(actions_netns=netns)
+    port = int(mqtt_broker.rsplit(":", 1)[1])
+    row = await pair.command("isolate", {})
+    assert row["state"] == "succeeded", row["error"]
+    assert ["127.0.0.1", port, "tcp"] in row["result"]["allowed"]
+    out = nft_in(netns, "list", "chain", "inet", "immune", "isolate_out")
+    assert f"ip daddr 127.0.0.1 tcp dport {port} accept" in out and "drop" in out
+    assert pair.running.agent.connected.is_set()  # it is not the host's network
+
+    row = await pair.command("unisolate", {})
+    assert row["state"] == "succeeded", row["error"]
+    out = nft_in(netns, "list", "chain", "inet", "immune", "isolate_out")
+    assert "drop" not in out
