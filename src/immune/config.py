@@ -137,6 +137,16 @@ class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Commands expiring further ahead than this are refused (bounds replay
     #: memory).
     max_command_ttl: Seconds = 86400.0
+    #: Where the response actions keep the vault, its key and the record of
+    #: frozen and jailed processes; by default ``actions-<id>`` in the state
+    #: directory (see ``spool``).
+    actions_dir: str = ""
+    #: IMMUNE's cgroup (one name under the cgroup v2 root) that ``freeze``
+    #: and ``jail`` move processes into.
+    cgroup_prefix: str = "immune"
+    #: Run the network actions' nftables in this named network namespace
+    #: (``/run/netns/<name>``) instead of the agent's own; empty: the host's.
+    actions_netns: str = ""
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

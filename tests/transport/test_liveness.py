@@ -147,12 +147,26 @@ async def test_spool_losses_of_an_agent_raise_an_alert(
 async def test_oversized_ack_is_a_dead_letter(
     hive, mqtt_broker: str, mqtt_prefix: str
 ) -> None:
+    # Acks carry results (a process's evidence), so they may be as large as
+    # an event batch ([hive] max_payload_bytes), but no larger.
     topic = f"{mqtt_prefix}/agents/big-1/acks"
+    size = hive.config.hive.max_payload_bytes + 1
+    await publish(mqtt_broker, topic, [b"x" * size])
+    await until(lambda: hive.metrics.get("agents.rejected") == 1)
+    await hive.store.flush()
+    (letter,) = hive.store.dead_letters()
+    assert f"acks payload of {size} bytes exceeds" in letter["reason"]
+
+
+async def test_oversized_heartbeat_is_a_dead_letter(
+    hive, mqtt_broker: str, mqtt_prefix: str
+) -> None:
+    topic = f"{mqtt_prefix}/agents/big-1/heartbeat"
     await publish(mqtt_broker, topic, [b"x" * (65 * 1024)])
     await until(lambda: hive.metrics.get("agents.rejected") == 1)
     await hive.store.flush()
     (letter,) = hive.store.dead_letters()
-    assert "exceeds" in letter["reason"]
+    assert "heartbeat payload of 66560 bytes exceeds 65536" in letter["reason"]
 
 
 async def test_batch_without_seq_gets_no_receipt_but_is_stored(

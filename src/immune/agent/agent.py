@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -137,6 +138,8 @@ class Agent:
             raise ConfigError(msg)
         self.host = socket.gethostname()[:256]
         self.broker = broker_address(config)
+        #: What the response actions act with (see :meth:`_action_settings`).
+        self.action_settings = self._action_settings()
         self.queue_size = queue_size
         self.shutdown_timeout = shutdown_timeout
         self.priority_boost = priority_boost
@@ -230,17 +233,31 @@ class Agent:
             return lambda: None
         return lambda: os.setpriority(os.PRIO_PROCESS, tid, before)
 
+    def _action_settings(self) -> actions.Settings:
+        """Where the actions keep state and act, from ``[agent]``.
+
+        Raises:
+            ConfigError: ``cgroup_prefix`` or ``actions_netns`` is not a
+                plain name.
+        """
+        agent = self.config.agent
+        directory = agent.actions_dir or state_dir() / f"actions-{self.agent_id}"
+        try:
+            return actions.Settings(
+                state_dir=Path(directory),
+                cgroup_prefix=agent.cgroup_prefix,
+                netns=agent.actions_netns or None,
+                broker=(self.broker.host, self.broker.port),
+            )
+        except actions.ActionError as exc:
+            raise ConfigError(f"[agent] {exc}") from None
+
     def _configure_actions(self) -> None:
         # The hive's commands act through this responder: its state (vault,
-        # frozen and jailed processes) under the state directory, the broker
+        # frozen and jailed processes) in [agent] actions_dir, the broker
         # always reachable when the host is isolated, and `policy` applying
         # a new local policy.
-        address = parse_url(self.config.mqtt.url) if self.config.mqtt.url else None
-        settings = actions.Settings(
-            state_dir=state_dir() / f"actions-{self.agent_id}",
-            broker=(address.host, address.port) if address else None,
-        )
-        actions.configure(actions.Responder(settings, self.metrics))
+        actions.configure(actions.Responder(self.action_settings, self.metrics))
         actions.set_policy_handler(policy.apply_policy)
 
     def _open_sensor(self) -> Sensor:

@@ -165,7 +165,103 @@ class CommandRunner:
         topic = topics.agent_topic(
             self.config.mqtt.topic_prefix, self.agent_id, topics.ACKS
         )
+        payload = self.ack_payload(ack)
         try:
-            await client.publish(topic, encode(ack), qos=1)
+            await client.publish(topic, payload, qos=1)
         except aiomqtt.MqttError as exc:
             logger.warning("Acknowledgement of %s lost: %s.", command_id, exc)
+
+    def ack_payload(self, ack: dict[str, Any]) -> bytes:
+        """The acknowledgement's JSON, in at most ``[agent] batch_max_bytes``.
+
+        Text that is not UTF-8 (a process's argv, environment or file names,
+        as the kernel gave them) is sent with its bad bytes as ``\\xNN``.
+        A result too large for one message loses the tail of its longest
+        lists (``truncated`` says which, and how long they were); one that
+        cannot be sent at all becomes a ``failed`` acknowledgement saying why.
+        """
+        limit = self.config.agent.batch_max_bytes
+        try:
+            raw = encode(ack)
+        except TypeError:  # orjson.JSONEncodeError: text with surrogates, ...
+            try:
+                ack = {**ack, "result": json_safe(ack["result"])}
+                raw = encode(ack)
+            except TypeError as exc:
+                return self._unsendable(ack, f"result cannot be encoded: {exc}")
+        if len(raw) <= limit or not ack["result"]:
+            return raw
+        self.metrics.inc("agent.results_truncated")
+        result = shorten_result(
+            ack["result"], limit - (len(raw) - _size(ack["result"]))
+        )
+        if result is None:
+            msg = (
+                f"result of {len(raw)} bytes exceeds [agent] batch_max_bytes ({limit})"
+            )
+            return self._unsendable(ack, msg)
+        logger.warning(
+            "Result of command %s cut to fit %d bytes: %s.",
+            ack["id"],
+            limit,
+            result["truncated"],
+        )
+        return encode({**ack, "result": result})
+
+    def _unsendable(self, ack: dict[str, Any], reason: str) -> bytes:
+        logger.warning("Command %s: %s.", ack["id"], printable(reason))
+        failed = {**ack, "result": None, "error": reason[:4096]}
+        if ack["state"] == "succeeded":
+            failed["state"] = "failed"
+        return encode(failed)
+
+
+def _size(value: Any) -> int:
+    return len(encode(value)) if isinstance(value, dict | list) else 0
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every string (keys too) valid UTF-8, bad bytes as ``\\xNN``.
+
+    psutil and os hand back undecodable bytes as lone surrogates
+    (``surrogateescape``), which JSON cannot carry.
+    """
+    if isinstance(value, str):
+        try:
+            return value.encode("utf-8", "surrogateescape").decode(
+                "utf-8", "backslashreplace"
+            )
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {json_safe(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def shorten_result(result: dict[str, Any], limit: int) -> dict[str, Any] | None:
+    """``result`` with its longest lists and tables halved until it fits.
+
+    Returns:
+        The shortened result, ``truncated`` mapping each cut field to its
+        length before; None when cutting lists cannot make it fit.
+    """
+    result, lengths = dict(result), dict[str, int]()
+    while _size(result) + 64 * (len(lengths) + 1) > limit:
+        cuttable = [
+            k for k, v in result.items() if isinstance(v, list | dict) and len(v) > 1
+        ]
+        if not cuttable:
+            return None
+        name = max(cuttable, key=lambda k: _size(result[k]))
+        value = result[name]
+        lengths.setdefault(name, len(value))
+        half = len(value) // 2
+        result[name] = (
+            value[:half]
+            if isinstance(value, list)
+            else dict(list(value.items())[:half])
+        )
+    result["truncated"] = lengths
+    return result

@@ -270,14 +270,12 @@ class NetworkPlugin:
         try:
             if leaf == topics.EVENTS:
                 await self._events(topic, agent_id, bytes(payload))
-            elif len(payload) > MAX_AGENT_MESSAGE:
-                size = len(payload)
-                raise EventError(
-                    f"{leaf} payload of {size} bytes exceeds {MAX_AGENT_MESSAGE}"
-                )
             elif leaf == topics.ACKS:
+                # A result (a process's evidence) may be large, like events.
+                _check_size(leaf, payload, hive.config.hive.max_payload_bytes)
                 await self.desk.ack(agent_id, bytes(payload))
             elif leaf in (topics.REGISTER, topics.HEARTBEAT, topics.STATUS):
+                _check_size(leaf, payload, MAX_AGENT_MESSAGE)
                 await self._agent_message(topic, agent_id, leaf, bytes(payload))
         except EventError as exc:
             counter = "events.rejected" if leaf == topics.EVENTS else "agents.rejected"
@@ -495,6 +493,12 @@ class NetworkPlugin:
             return
         topic = topics.alerts_topic(self.prefix, alert.severity)
         await client.publish(topic, encode(alert), qos=1)
+
+
+def _check_size(leaf: str, payload: bytes | bytearray, limit: int) -> None:
+    """Raises EventError when ``payload`` is over ``limit`` bytes."""
+    if len(payload) > limit:
+        raise EventError(f"{leaf} payload of {len(payload)} bytes exceeds {limit}")
 
 
 def aiomqtt_messages(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Message]:

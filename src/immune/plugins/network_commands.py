@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
@@ -43,6 +44,40 @@ class CommandRequest(msgspec.Struct, kw_only=True):
     expires_ns: int
     origin: str = ""
     alert_id: str | None = None
+
+
+#: The longest duration an agent takes (``immune.agent.actions.base``).
+MAX_DURATION = 7 * 24 * 3600
+#: Seconds past ``duration_s`` after which the agent undoes an action itself.
+UNDO_MARGIN = 60
+
+
+def agent_args(action: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A command's arguments in the agent's words (``docs/actions.md``).
+
+    The hive's playbooks and response plugin (:mod:`immune.commands`) say
+    ``addr`` and ``duration_s`` (seconds, a number) and note the alert in
+    ``alert_id``; the agent's actions take ``address`` and ``duration`` (whole
+    seconds) and refuse unknown fields. The alert stays in the command's row.
+    The response plugin undoes an action when ``duration_s`` is up; the
+    agent is told to undo it itself ``UNDO_MARGIN`` seconds later, in case
+    the hive is gone by then. A ``block`` or ``unblock`` of an address and a
+    port (an alert's remote endpoint) blocks the address, which holds the
+    port too.
+    """
+    out = dict(args)
+    out.pop("alert_id", None)
+    if "addr" in out and "address" not in out:
+        out["address"] = out.pop("addr")
+    seconds = out.pop("duration_s", None)
+    if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+        duration = max(math.ceil(seconds), 1) + UNDO_MARGIN
+        out.setdefault("duration", min(duration, MAX_DURATION))
+    if action in ("block", "unblock") and "address" in out:
+        out.pop("port", None)
+    if action == "unblock":
+        out.pop("duration", None)  # the agent refuses one there
+    return out
 
 
 class CommandDesk:
@@ -114,7 +149,7 @@ class CommandDesk:
             id=request.id,
             agent_id=request.agent_id,
             action=request.action,
-            args=request.args,
+            args=agent_args(request.action, request.args),
             issued_ns=now_ns(),
             expires_ns=request.expires_ns,
         )

@@ -357,7 +357,8 @@ class ResponsePlugin:
                 await self._revert(item)
 
     async def _revert(self, item: Tracked) -> None:
-        args = {k: v for k, v in item.args.items() if k in ("addr", "port")}
+        # thaw needs the pid of the freeze; unblock the address or port.
+        args = {k: v for k, v in item.args.items() if k in ("addr", "port", "pid")}
         command = make_command(
             item.agent_id,
             REVERTS[item.action],

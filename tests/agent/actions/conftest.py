@@ -40,6 +40,8 @@ def responder(tmp_path: Path) -> Iterator[Responder]:
     """A responder of the test's own, behind ``ACTIONS`` while the test runs."""
     mine = make_responder(tmp_path)
     previous = configure(mine)
+    # Not the handler of an agent an earlier test ran: none until set.
+    mine.policy_handler = None
     try:
         yield mine
     finally:

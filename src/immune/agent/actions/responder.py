@@ -29,6 +29,7 @@ from immune.agent.actions import nft, procs
 from immune.agent.actions.base import MAX_DURATION, ActionError, Settings, parse
 from immune.agent.actions.cgroups import Cgroups
 from immune.agent.actions.vault import Vault
+from immune.errors import ImmuneError
 from immune.events import now_ns
 from immune.metrics import Metrics
 from immune.safe import printable
@@ -391,9 +392,15 @@ class Responder:
             raise ActionError("arguments must be a JSON object", "policy")
         if self.policy_handler is None:
             raise ActionError("this agent runs no local policy to update", "policy")
-        result = self.policy_handler(args)
-        if inspect.isawaitable(result):
-            result = await result
+        try:
+            result = self.policy_handler(args)
+            if inspect.isawaitable(result):
+                result = await result
+        except ActionError:
+            raise
+        except ImmuneError as exc:
+            # The policy's own error (PolicyError) names the key at fault.
+            raise ActionError(str(exc), "policy") from exc
         if not isinstance(result, dict):
             msg = f"policy handler returned {type(result).__name__}, not a dict"
             raise ActionError(msg, "policy")
