@@ -629,6 +629,7 @@ def finding_alert(finding: Finding, *, ts: int) -> Alert:
         data["rules"] = sorted({i.rule for i in items if isinstance(i, Alert)})
     if corr.type == "sequence":
         data["stages"] = [f.name for f in corr.filters]
+    data.update(_context(items))
     return Alert(
         id=new_id(),
         ts=ts,
@@ -644,6 +645,29 @@ def finding_alert(finding: Finding, *, ts: int) -> Alert:
         count=len(items),
         data=data,
     )
+
+
+#: What a finding's alert takes from its items, for the playbooks' commands
+#: (the address to block, the process to kill, the file to quarantine).
+_CONTEXT = ("addr", "port", "pid", "exe", "path")
+
+
+def _context(items: list[Item]) -> dict[str, Any]:
+    """Each of :data:`_CONTEXT` from the first item that has it; an address
+    and its port come from the same item."""
+    found: dict[str, Any] = {}
+    for item in items:
+        values = {n: _value(item, n) for n in _CONTEXT if n not in found}
+        if "addr" in values and values["addr"] is None:
+            values.pop("port", None)
+        found.update({n: v for n, v in values.items() if v is not None})
+    return found
+
+
+def _value(item: Item, name: str) -> Any:
+    if isinstance(item, Event):
+        return getattr(item, name)
+    return item.data.get(name)
 
 
 def _agent(item: Item) -> str | None:
