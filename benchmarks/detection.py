@@ -13,10 +13,11 @@ of kinds, about 1 % of them malicious so that rules and correlations fire):
    runs from the first ``ingest`` until the bus has handled every event and
    alert (storage buffers on the bus and writes in its own thread, which may
    still be writing then);
-3. latency from ``ingest`` of a malicious event to its alert reaching a bus
-   subscriber, with the hive idle and with it under the load of (2).
+3. latency from ``ingest`` of a malicious event to its alert (or the update
+   of the alert it folded into) reaching a bus subscriber, with the hive
+   idle and with it under the load of (2).
 
-    python benchmarks/detection.py [--events 200000] [--rules DIR ...]
+    python benchmarks/detection.py [--events 100000] [--rules DIR ...]
         [--corpus DIR | --no-sigma]
 
 ``--rules`` adds rule files or directories (IMMUNE's YAML rule language) to
@@ -247,6 +248,8 @@ async def hive_run(
             alerts[0] += 1
 
         hive.bus.subscribe("alert.#", latency.on_alert, owner="bench")
+        # A repeat folded into an open alert reaches subscribers as an update.
+        hive.bus.subscribe("alert_update.#", latency.on_alert, owner="bench")
         hive.bus.subscribe("alert.#", count, owner="bench-count")
         await hive.start()
         try:
