@@ -17,7 +17,7 @@ of kinds, about 1 % of them malicious so that rules and correlations fire):
    of the alert it folded into) reaching a bus subscriber, with the hive
    idle and with it under the load of (2).
 
-    python benchmarks/detection.py [--events 100000] [--rules DIR ...]
+    python benchmarks/detection.py [--events 200000] [--rules DIR ...]
         [--corpus DIR | --no-sigma]
 
 ``--rules`` adds rule files or directories (IMMUNE's YAML rule language) to
