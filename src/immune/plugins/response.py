@@ -188,8 +188,20 @@ class ResponsePlugin:
     # -- following commands ------------------------------------------------
 
     async def on_note(self, note: dict[str, Any]) -> None:
-        """A playbook run's command: record it with its run."""
-        self._track(note["command"], run_id=note["run_id"], dry_run=note["dry_run"])
+        """A playbook run's command: record it with its run.
+
+        The note and the command itself cross the bus on two topics, whose
+        order is not fixed: a command already followed from
+        ``command.send`` gets its run, and is not recorded twice.
+        """
+        command, run_id = note["command"], note["run_id"]
+        held = self.tracked.get(command["id"])
+        if held is None:
+            self._track(command, run_id=run_id, dry_run=note["dry_run"])
+            return
+        held.run_id = run_id
+        store = self.hive.store
+        self._queue(lambda: store.update_response_command(held.id, run_id=run_id))
 
     async def on_send(self, message: Any) -> None:
         """Any command on its way to an agent: follow it."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from immune.events import Event
 from immune.hookspecs import hookimpl
-from immune.rules.ruleset import RuleSet, event_context
+from immune.rules.ruleset import RuleSet, alert_key, event_context
 from immune.rules.source import RuleSource, check_settings
 
 if TYPE_CHECKING:
@@ -100,6 +100,7 @@ class RulesPlugin:
                 techniques=rule.techniques,
                 description=rule.description,
                 data=data,
+                key=alert_key(event),
             )
 
 

@@ -76,6 +76,7 @@ FILTER_KEYS = frozenset(
     {"name", "rule", "condition", "alert", "min_severity", "plugin"}
 )
 _INDICATORS = ("sha256", "addr", "exe", "path")
+_OPEN_INDICATORS = ("sha256", "path", "exe")
 NS = 1_000_000_000
 
 
@@ -331,6 +332,10 @@ def _event_part(event: Event, part: str) -> Any:
         return None if event.pid is None else f"{event.agent_id}/{event.pid}"
     if part == "indicator":
         sha = event.extra.get("sha256") if event.extra else None
+        if event.kind == "open":
+            # The file opened, not the program that opened it: cat reading
+            # /etc/shadow on three hosts is no one indicator on three.
+            return sha or event.path or event.exe
         return sha or event.addr or event.exe or event.path
     return getter(part)(event)
 
@@ -346,7 +351,8 @@ def _alert_part(alert: Alert, part: str) -> Any:
     if part == "process":
         return None if "pid" not in data else f"{alert.agent_id}/{data['pid']}"
     if part == "indicator":
-        return next((data[k] for k in _INDICATORS if data.get(k)), None)
+        order = _OPEN_INDICATORS if data.get("kind") == "open" else _INDICATORS
+        return next((data[k] for k in order if data.get(k)), None)
     if part == "rule":
         return alert.rule
     return data.get(part.removeprefix("extra."))
@@ -629,6 +635,7 @@ def finding_alert(finding: Finding, *, ts: int) -> Alert:
         data["rules"] = sorted({i.rule for i in items if isinstance(i, Alert)})
     if corr.type == "sequence":
         data["stages"] = [f.name for f in corr.filters]
+    data.update(_context(items))
     return Alert(
         id=new_id(),
         ts=ts,
@@ -644,6 +651,29 @@ def finding_alert(finding: Finding, *, ts: int) -> Alert:
         count=len(items),
         data=data,
     )
+
+
+#: What a finding's alert takes from its items, for the playbooks' commands
+#: (the address to block, the process to kill, the file to quarantine).
+_CONTEXT = ("addr", "port", "pid", "exe", "path")
+
+
+def _context(items: list[Item]) -> dict[str, Any]:
+    """Each of :data:`_CONTEXT` from the first item that has it; an address
+    and its port come from the same item."""
+    found: dict[str, Any] = {}
+    for item in items:
+        values = {n: _value(item, n) for n in _CONTEXT if n not in found}
+        if "addr" in values and values["addr"] is None:
+            values.pop("port", None)
+        found.update({n: v for n, v in values.items() if v is not None})
+    return found
+
+
+def _value(item: Item, name: str) -> Any:
+    if isinstance(item, Event):
+        return getattr(item, name)
+    return item.data.get(name)
 
 
 def _agent(item: Item) -> str | None:

@@ -20,6 +20,7 @@ accepted or refused whole, with the file, line and reason.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -415,4 +416,37 @@ def event_context(event: Event) -> dict[str, Any]:
             data[name] = value
     if event.argv:
         data["cmdline"] = " ".join(event.argv)[:1024]
+        if "addr" not in data:
+            data.update(remote_of(data["cmdline"]))
     return data
+
+
+def alert_key(event: Event) -> str:
+    """What tells one hit of a rule from another on the same agent.
+
+    Repeats with the same key fold into one alert (``hive.raise_alert``): a
+    dropper respawning the same reverse shell is one alert that counts, two
+    different programs run from /tmp are two alerts.
+    """
+    if event.kind in ("connect", "bind"):
+        return f"{event.addr}:{event.port}"
+    if event.argv:
+        return " ".join(event.argv)[:512]
+    return event.path or event.exe or event.comm or ""
+
+
+_DEV_TCP = re2.compile(r"/dev/(?:tcp|udp)/([0-9A-Fa-f.:]{2,45})/([0-9]{1,5})")
+
+
+def remote_of(cmdline: str) -> dict[str, Any]:
+    """The remote end named by a /dev/tcp redirection, so that a playbook
+    can block it; empty when there is none or it is no IP address."""
+    match = _DEV_TCP.search(cmdline)
+    if match is None:
+        return {}
+    try:
+        addr = str(ipaddress.ip_address(match.group(1)))
+    except ValueError:
+        return {}
+    port = int(match.group(2))
+    return {"addr": addr, "port": port} if 0 < port < 65536 else {"addr": addr}
