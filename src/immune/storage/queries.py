@@ -112,7 +112,17 @@ def commands(
     limit: int | None = 100,
 ) -> list[dict[str, Any]]:
     """Commands, newest first."""
-    t = models.commands
+    return commands_in(models.commands, engine, agent_id, state, limit)
+
+
+def commands_in(
+    t: sa.Table,
+    engine: Engine,
+    agent_id: str | None,
+    state: str | None,
+    limit: int | None,
+) -> list[dict[str, Any]]:
+    """Rows of a table of commands (``commands`` or ``response_commands``)."""
     query = sa.select(t).order_by(t.c.created.desc(), t.c.id.desc())
     if agent_id is not None:
         query = query.where(t.c.agent_id == agent_id)

@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from immune.storage import models
+from immune.storage import models, queries
 
 _RUN_FIELDS = frozenset(c.name for c in models.playbook_runs.c)
 _COMMAND_FIELDS = frozenset(c.name for c in models.response_commands.c)
@@ -81,13 +81,5 @@ def commands(
     limit: int | None = 100,
 ) -> list[dict[str, Any]]:
     """Response commands, newest first."""
-    t = models.response_commands
-    query = sa.select(t).order_by(t.c.created.desc(), t.c.id.desc())
-    if agent_id is not None:
-        query = query.where(t.c.agent_id == agent_id)
-    if state is not None:
-        query = query.where(t.c.state == state)
-    if limit is not None:
-        query = query.limit(limit)
-    with engine.connect() as conn:
-        return [dict(row) for row in conn.execute(query).mappings()]
+    table = models.response_commands
+    return queries.commands_in(table, engine, agent_id, state, limit)
