@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 import pytest
 
+from clirun import run_immune as run
 from immune import __version__
 from immune.cli import parse_since
 from immune.errors import ConfigError
 from immune.events import Alert, Event, new_id, now_ns
 from immune.storage import Store
-
-IMMUNE = [sys.executable, "-m", "immune"]
-
-
-def run(*args: str, cwd: Path, env: dict[str, str] | None = None):
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMMUNE_")}
-    environ.update(env or {})
-    environ["COLUMNS"] = "200"
-    return subprocess.run(
-        [*IMMUNE, *args],
-        cwd=cwd,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def seed(db: Path) -> list[Event]:

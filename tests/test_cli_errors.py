@@ -3,36 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 import pytest
 from sqlalchemy.engine import make_url
 
+from clirun import run_immune as run
 from immune.cli import parse_since
 from immune.events import Event, new_id, now_ns
 from immune.storage import Store
-
-IMMUNE = [sys.executable, "-m", "immune"]
-
-
-def run(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMMUNE_")}
-    environ.update(env or {})
-    environ["COLUMNS"] = "300"
-    return subprocess.run(
-        [*IMMUNE, *args],
-        cwd=cwd,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def seed(db: Path) -> str:

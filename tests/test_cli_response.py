@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 
+from clirun import run_immune as run
 from immune.events import new_id, now_ns
 from immune.storage import Store
-
-
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMMUNE_")}
-    environ["COLUMNS"] = "200"
-    return subprocess.run(
-        [sys.executable, "-m", "immune", *args],
-        cwd=cwd,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 async def _seed(url: str) -> str:

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 
+from clirun import run_immune as run
 from immune.events import Event, encode, new_id, now_ns
 from immune.storage import Store
-
-IMMUNE = [sys.executable, "-m", "immune"]
 
 CHAIN = [
     {"kind": "exec", "exe": "/tmp/x", "argv": ["/tmp/x"]},
@@ -32,19 +28,6 @@ rules:
       - event: {kind: exec, exe: /usr/bin/nmap-helper}
         expect: BROKEN
 """
-
-
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMMUNE_")}
-    environ["COLUMNS"] = "200"
-    return subprocess.run(
-        [*IMMUNE, *args],
-        cwd=cwd,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def chain_events(start: int) -> list[Event]:

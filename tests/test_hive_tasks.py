@@ -1,4 +1,4 @@
-"""Tasks plugins start through the hive are forgotten once they end."""
+"""Tasks plugins start through the hive: forgotten once they end, and their sleeps."""
 
 from __future__ import annotations
 
@@ -19,4 +19,25 @@ async def test_hive_forgets_finished_tasks(sqlite_url: str) -> None:
         await asyncio.sleep(0)
         assert hive._tasks == [waiting]
     assert waiting.done() and hive._tasks == []
+    hive.store.close()
+
+
+async def test_hive_sleep_runs_out_or_ends_with_the_hive(sqlite_url: str) -> None:
+    config = config_mod.load(environ={})
+    config.hive.database = sqlite_url
+    hive = Hive(config, discover=False)
+    assert await hive.sleep(0.01) is True
+    ticks = 0
+
+    async def periodic() -> None:
+        nonlocal ticks
+        while await hive.sleep(0.01):
+            ticks += 1
+
+    task = asyncio.create_task(periodic())
+    await asyncio.sleep(0.1)
+    hive.stopping.set()
+    await asyncio.wait_for(task, 1)  # ends at once, not after another tick
+    assert ticks >= 1
+    assert await hive.sleep(60) is False
     hive.store.close()

@@ -216,6 +216,15 @@ class Hive:
         exc = task.exception()
         logger.error("Task %s failed: %s", task.get_name(), exc, exc_info=exc)
 
+    async def sleep(self, seconds: float) -> bool:
+        """Wait ``seconds``, or less if the hive stops meanwhile.
+
+        Returns True when the time ran out and False when the hive is
+        stopping, so that a plugin's periodic task reads
+        ``while await hive.sleep(30): ...`` and ends with the hive.
+        """
+        return await wait_unless(self.stopping, seconds)
+
     def agents_online(self) -> int:
         return sum(1 for status in self.agent_status.values() if status == "online")
 
@@ -326,6 +335,17 @@ class Hive:
         if now - self._last_warning.get(key, 0.0) >= 1.0:
             self._last_warning[key] = now
             logger.warning(msg, *args)
+
+
+async def wait_unless(event: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds`` unless ``event`` is set first; True if the time ran out."""
+    if event.is_set():
+        return False
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        return True
+    return False
 
 
 def _agent_of(event: Event) -> str:

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 from sigma_helpers import BAD, RULES
 
-
-def immune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMMUNE_")}
-    environ["COLUMNS"] = "250"
-    return subprocess.run(
-        [sys.executable, "-m", "immune", *args],
-        cwd=cwd,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+from clirun import run_immune as immune
 
 
 def test_sigma_check_lists_loaded_rules_and_correlations(tmp_path: Path) -> None:

@@ -193,10 +193,7 @@ class NetworkPlugin:
                     delay,
                     backoff.attempt,
                 )
-                try:
-                    await asyncio.wait_for(hive.stopping.wait(), delay)
-                except TimeoutError:
-                    pass
+                await hive.sleep(delay)
 
     async def _session(self, client: aiomqtt.Client) -> None:
         hive = self.hive
@@ -465,11 +462,7 @@ class NetworkPlugin:
     async def watch_offline(self) -> None:
         hive = self.hive
         interval = hive.config.hive.offline_check_interval
-        while not hive.stopping.is_set():
-            try:
-                await asyncio.wait_for(hive.stopping.wait(), interval)
-            except TimeoutError:
-                pass
+        while await hive.sleep(interval):
             deadline = now_ns() - int(hive.config.hive.agent_timeout * 1e9)
             for agent in await asyncio.to_thread(hive.store.agents):
                 if agent["status"] == "online" and (agent["last_seen"] or 0) < deadline:

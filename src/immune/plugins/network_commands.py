@@ -211,12 +211,7 @@ class CommandDesk:
 
     async def watch_expiry(self) -> None:
         """Mark as timed out the commands that expired with no final answer."""
-        hive = self.hive
-        while not hive.stopping.is_set():
-            try:
-                await asyncio.wait_for(hive.stopping.wait(), EXPIRY_CHECK_INTERVAL)
-            except TimeoutError:
-                pass
+        while await self.hive.sleep(EXPIRY_CHECK_INTERVAL):
             await self.expire(now_ns())
 
     async def expire(self, now: int) -> int:

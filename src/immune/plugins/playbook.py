@@ -207,7 +207,7 @@ class Run:
         self.steps.append(record)
         if step.action == "wait":
             record["state"] = "done"
-            return self.dry_run or await self._wait(float(step.params["seconds"]))
+            return self.dry_run or await self.hive.sleep(float(step.params["seconds"]))
         if step.agent_action is None:
             await self._notify(step)
             record["state"] = "done"
@@ -217,13 +217,6 @@ class Run:
         if errors:
             record["errors"] = errors
         return True
-
-    async def _wait(self, seconds: float) -> bool:
-        try:
-            await asyncio.wait_for(self.hive.stopping.wait(), seconds)
-        except TimeoutError:
-            return True
-        return False
 
     async def _notify(self, step: Step) -> None:
         message = {

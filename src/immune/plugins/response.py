@@ -321,11 +321,8 @@ class ResponsePlugin:
         self.hive.create_task(self._retry(item), name=name)
 
     async def _retry(self, item: Tracked) -> None:
-        try:
-            await asyncio.wait_for(self.hive.stopping.wait(), self.retry_delay_s)
+        if not await self.hive.sleep(self.retry_delay_s):
             return  # the hive is stopping: no new commands
-        except TimeoutError:
-            pass
         ttl = max(1.0, (item.expires_ns - item.created) / 1e9)
         command = {
             "id": new_id(),
@@ -343,14 +340,7 @@ class ResponsePlugin:
     # -- the clock: timeouts and reverts -----------------------------------
 
     async def _clock(self) -> None:
-        stopping = self.hive.stopping
-        while not stopping.is_set():
-            try:
-                await asyncio.wait_for(stopping.wait(), self.tick_s)
-            except TimeoutError:
-                pass
-            if stopping.is_set():
-                break
+        while await self.hive.sleep(self.tick_s):
             try:
                 await self.tick(now_ns())
             except Exception:  # noqa: BLE001 - timeouts must keep being checked

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from immune.hive import wait_unless
 from immune.metrics import Metrics
 from immune.rules.errors import RuleError
 from immune.rules.ruleset import DEFAULT_DIR, RuleSet, load_rules, rule_files
@@ -93,12 +94,7 @@ class RuleSource:
         on_change: Callable[[RuleSet], Awaitable[None] | None],
     ) -> None:
         """Poll the files every ``interval`` seconds until ``stopping`` is set."""
-        while not stopping.is_set():
-            try:
-                await asyncio.wait_for(stopping.wait(), interval)
-                return
-            except TimeoutError:
-                pass
+        while await wait_unless(stopping, interval):
             if await asyncio.to_thread(self.changed):
                 logger.info("Rule files changed; reloading.")
                 ruleset = await asyncio.to_thread(self.load)
