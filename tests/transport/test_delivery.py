@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from immune.events import Event, new_id, now_ns
 from .conftest import agent_config, hive_config, until
 
 #: How long the hive is away (the issue's acceptance test: 30 s).
-OUTAGE = float(__import__("os").environ.get("IMMUNE_TEST_OUTAGE", "30"))
+OUTAGE = float(os.environ.get("IMMUNE_TEST_OUTAGE", "30"))
 
 
 def marker(agent: Agent, n: int) -> Event:
