@@ -13,6 +13,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from immune import signing
+from immune.agent import actions
 from immune.errors import ImmuneError
 from immune.events import new_id, now_ns
 
@@ -20,27 +22,10 @@ SEND = "command.send"
 STATE = "command.state"
 
 #: Every action an agent knows (``immune.agent.actions.ACTIONS``).
-ACTIONS = frozenset(
-    {
-        "ping",
-        "kill",
-        "freeze",
-        "thaw",
-        "jail",
-        "release",
-        "isolate",
-        "unisolate",
-        "block",
-        "unblock",
-        "quarantine",
-        "restore",
-        "collect",
-        "policy",
-    }
-)
+ACTIONS = frozenset(actions.NAMES)
 #: States a command ends in; ``sent`` and ``acknowledged`` are on the way.
-FINAL_STATES = frozenset({"succeeded", "failed", "timed_out", "refused"})
-STATES = FINAL_STATES | {"sent", "acknowledged"}
+FINAL_STATES = frozenset(signing.FINAL_STATES)
+STATES = frozenset(signing.STATES)
 #: Stateful actions and the action that undoes each.
 REVERTS = {"isolate": "unisolate", "block": "unblock", "freeze": "thaw"}
 
