@@ -41,23 +41,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-# benchmarks/sigma.py is named like pySigma's package (`sigma`): keep this
-# folder off the import path, or `import sigma` would find that file.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import msgspec
 
-import msgspec  # noqa: E402 - after the path fix above
-
-from immune import config as config_mod  # noqa: E402
-from immune.events import Alert, Event, now_ns  # noqa: E402
-from immune.hive import Hive  # noqa: E402
-from immune.plugins.correlate import CorrelatePlugin  # noqa: E402
-from immune.plugins.exploit import ExploitPlugin  # noqa: E402
-from immune.plugins.rules import RulesPlugin  # noqa: E402
-from immune.plugins.sigma import SigmaPlugin  # noqa: E402
-from immune.rules import Correlator, load_rules  # noqa: E402
-from immune.sigma import SigmaEngine  # noqa: E402
-from immune.sigma import load_rules as load_sigma  # noqa: E402
+from immune import config as config_mod
+from immune.events import Alert, Event, now_ns
+from immune.hive import Hive
+from immune.plugins.correlate import CorrelatePlugin
+from immune.plugins.exploit import ExploitPlugin
+from immune.plugins.rules import RulesPlugin
+from immune.plugins.sigma import SigmaPlugin
+from immune.rules import Correlator, load_rules
+from immune.sigma import SigmaEngine
+from immune.sigma import load_rules as load_sigma
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ The stream is a mix shaped like a busy Linux host: 60 % exec, 15 % fork,
 15 % exit, 5 % open, 5 % connect, with everyday command lines and, one event
 in 500, one that a rule matches.
 
-    python benchmarks/sigma.py [--events 50000] [--corpus DIR] [--runs 3]
+    python benchmarks/sigma_corpus.py [--events 50000] [--corpus DIR] [--runs 3]
 
 The corpus is ``IMMUNE_SIGMA_CORPUS``, else ``../shared/data/sigma-linux``
 beside the repository.
@@ -29,24 +29,18 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-# This script is named like pySigma's package (`sigma`): keep its own folder
-# off the import path, or `import sigma` would find this file.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import msgspec
 
-import msgspec  # noqa: E402 - after the path fix above
-
-from immune import config as config_mod  # noqa: E402
-from immune.events import Alert, Event, new_id, now_ns  # noqa: E402
-from immune.hive import Hive  # noqa: E402
-from immune.plugins.sigma import SigmaPlugin  # noqa: E402
-from immune.sigma import SigmaEngine, load_rules  # noqa: E402
+from immune import config as config_mod
+from immune.events import Alert, Event, new_id, now_ns
+from immune.hive import Hive
+from immune.plugins.sigma import SigmaPlugin
+from immune.sigma import SigmaEngine, load_rules
 
 REPO = Path(__file__).resolve().parent.parent
 EVERYDAY = [
@@ -131,6 +125,8 @@ async def hive_rate(
     config = config_mod.load(environ={})
     config.hive.database = f"sqlite:///{directory}/bench-{new_id()}.db"
     config.plugins["sigma"] = {"rule_dirs": [str(corpus)]}
+    # Every probe below must raise its own alert, not fold into the first.
+    config.hive.alert_window = 0
     hive = Hive(config, plugins=[("sigma", SigmaPlugin())], discover=False)
     await hive.start()
     waiting: dict[str, asyncio.Future[float]] = {}
