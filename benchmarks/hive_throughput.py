@@ -28,6 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
+
 from immune import broker
 from immune import config as config_mod
 from immune.events import Event, encode, new_id, now_ns
@@ -132,6 +134,7 @@ async def hive_rate(
 
     address = parse_url(url)
     topic = f"{prefix}/agents/{agent}/events"
+    cpu = CpuTimes()
     start = time.perf_counter()
     publisher = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -147,6 +150,7 @@ async def hive_rate(
         if publisher.returncode not in (None, 0):
             raise RuntimeError("publisher failed")
     elapsed = time.perf_counter() - start
+    used = cpu.used()
     await publisher.wait()
     snapshot = hive.metrics.snapshot()
     await hive.stop()
@@ -156,7 +160,42 @@ async def hive_rate(
         "messages": len(payloads),
         "rejected": snapshot.get("events.rejected", 0),
         "handler_errors": snapshot.get("bus.handler_errors", 0),
+        "cpu": used,
+        "elapsed": elapsed,
     }
+
+
+class CpuTimes:
+    """CPU seconds the hive, its children and a local Mosquitto use from now."""
+
+    def __init__(self) -> None:
+        me = psutil.Process()
+        self.processes = {"hive": me}
+        for child in me.children(recursive=True):
+            self.processes[f"child {child.pid}"] = child
+        for proc in psutil.process_iter(["name"]):
+            if proc.info["name"] == "mosquitto":
+                self.processes[f"mosquitto {proc.pid}"] = proc
+        self.start = {name: self._cpu(p) for name, p in self.processes.items()}
+
+    @staticmethod
+    def _cpu(proc: psutil.Process) -> float:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            return 0.0
+        return times.user + times.system
+
+    def used(self) -> dict[str, float]:
+        # The publisher started after us: count its CPU as it is now.
+        for child in psutil.Process().children(recursive=True):
+            name = f"child {child.pid}"
+            if name not in self.processes:
+                self.processes[name] = child
+                self.start[name] = 0.0
+        return {
+            name: self._cpu(p) - self.start[name] for name, p in self.processes.items()
+        }
 
 
 async def main() -> None:
@@ -206,6 +245,12 @@ async def main() -> None:
         f"hive, MQTT to stored:     {hive['rate']:>10,.0f} events/s "
         f"({hive['rate'] / raw:.0%} of raw)"
     )
+    busy = ", ".join(
+        f"{name} {seconds / hive['elapsed']:.0%}"
+        for name, seconds in hive["cpu"].items()
+        if seconds > 0.01
+    )
+    print(f"CPU busy while the hive ran (of one core): {busy}")
     if hive["rejected"] or hive["handler_errors"]:
         print(f"WARNING: {hive['rejected']} rejected, {hive['handler_errors']} errors")
 

@@ -10,7 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from immune.errors import EventError, PayloadTooLargeError
-from immune.events import Event, decode_batch, encode, new_id, now_ns, parse_event
+from immune.events import (
+    Event,
+    decode_batch,
+    decode_payload,
+    encode,
+    new_id,
+    now_ns,
+    parse_event,
+)
 
 
 def _event(**fields: object) -> dict[str, object]:
@@ -76,6 +84,80 @@ def test_events_batch_keeps_good_events_and_reports_bad_ones() -> None:
     assert "$.events[1].pid" in rejected[0].reason
     assert "Expected `object`, got `int` at $.events[2]" == rejected[1].reason
     assert "claims agent 'b'" in rejected[2].reason
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("id", "x\n"),
+        ("id", ""),
+        ("id", "-starts-with-a-dash"),
+        ("id", "a" * 129),
+        ("agent_id", "web-1\n"),
+        ("agent_id", "web 1"),
+        ("agent_id", "../../etc"),
+    ],
+)
+def test_events_bad_identifier_is_refused_alone_in_a_batch(
+    field: str, value: str
+) -> None:
+    # Identifiers are checked for the whole batch at once; a bad one sends the
+    # batch event by event, which names it and keeps the others.
+    first, last = _event(), _event()
+    bad = _event(**{field: value})
+    payload = orjson.dumps({"events": [first, bad, last]})
+    decoded = decode_payload(payload, max_bytes=1 << 20)
+    assert [e.id for e in decoded.events] == [first["id"], last["id"]]
+    (rejected,) = decoded.rejected
+    assert rejected.index == 1
+    assert f"{field} must be 1 to 128 letters" in rejected.reason
+    assert rejected.reason.endswith(f"at $.events[1].{field}")
+    assert "\n" not in rejected.reason  # shown escaped, never a second log line
+    with pytest.raises(EventError, match=f"at \\$.{field}"):
+        parse_event(bad)
+
+
+def test_events_good_identifiers_pass_the_batch_check() -> None:
+    odd = ["A", "0", "a" * 128, "x.y_z:1-2", "Z" * 64]
+    events = [_event(id=i) for i in odd]
+    decoded = decode_payload(orjson.dumps({"events": events}), max_bytes=1 << 20)
+    assert [e.id for e in decoded.events] == odd
+    assert decoded.rejected == []
+
+
+def test_events_envelope_carries_its_spool_range() -> None:
+    payload = orjson.dumps(
+        {"v": 1, "agent_id": "host-1", "seq": [3, 4], "events": [_event(), _event()]}
+    )
+    decoded = decode_payload(payload, max_bytes=1 << 20, agent_id="host-1")
+    assert len(decoded.events) == 2
+    assert decoded.seq == (3, 4)
+    # A bad event does not lose the range: the batch is still receipted.
+    payload = orjson.dumps({"seq": [5, 6], "events": [_event(), _event(pid="x")]})
+    decoded = decode_payload(payload, max_bytes=1 << 20, agent_id="host-1")
+    assert (len(decoded.events), len(decoded.rejected), decoded.seq) == (1, 1, (5, 6))
+    # A range that is not one is ignored: the events count, no receipt.
+    payload = orjson.dumps({"seq": "five", "events": [_event()]})
+    decoded = decode_payload(payload, max_bytes=1 << 20)
+    assert (len(decoded.events), decoded.seq) == (1, None)
+
+
+@pytest.mark.parametrize(
+    ("envelope", "reason"),
+    [
+        ({"v": 2}, "batch of schema version 2 at $.v: this hive reads version 1"),
+        ({"v": "1"}, "batch of schema version '1' at $.v"),
+        ({"agent_id": "other"}, "batch claims agent 'other' at $.agent_id"),
+        ({"agent_id": "bad id"}, "the batch's agent_id is not a valid agent id"),
+    ],
+)
+def test_events_envelope_of_another_version_or_agent_is_refused_whole(
+    envelope: dict[str, object], reason: str
+) -> None:
+    payload = orjson.dumps({**envelope, "events": [_event()]})
+    with pytest.raises(EventError) as info:
+        decode_payload(payload, max_bytes=1 << 20, agent_id="host-1")
+    assert reason in info.value.reason
 
 
 @pytest.mark.parametrize(

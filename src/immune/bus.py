@@ -270,6 +270,12 @@ class Bus:
             finally:
                 _depth.reset(token)
                 queue.task_done()
+            if not queue.empty():
+                # A queue that is never empty would keep this task running
+                # without a pause (get() does not wait then): let the other
+                # tasks (storage handing rows to its writer, the MQTT client)
+                # run between two publications.
+                await asyncio.sleep(0)
 
     async def join(self) -> None:
         """Wait until every queued message has been handled."""

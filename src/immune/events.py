@@ -8,6 +8,7 @@ event is refused with a reason that names the field at fault. See
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -16,6 +17,7 @@ import orjson
 import uuid6
 
 from immune.errors import EventError, PayloadTooLargeError
+from immune.safe import printable
 
 SCHEMA_VERSION = 1
 
@@ -45,7 +47,21 @@ Outcome = Literal["allowed", "blocked", "unknown"]
 Family = Literal["inet", "inet6", "unix"]
 
 # Identifiers travel in MQTT topics and file names: keep them to a safe set.
-Ident = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+# The pattern as JSON Schema (and RE2) read it; Python's `$` would also match
+# before a final newline, so Python checks use IDENT_RE.fullmatch or \Z.
+IDENT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+Ident = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"\A[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z",
+        extra_json_schema={"pattern": IDENT_PATTERN},
+    ),
+]
+# An event's identifiers follow the same pattern, but it is checked for a
+# whole batch at once (check_idents), not by msgspec field by field: a
+# regular expression call per field cost a quarter of decoding an event.
+EventIdent = Annotated[str, msgspec.Meta(extra_json_schema={"pattern": IDENT_PATTERN})]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 ShortText = Annotated[str, msgspec.Meta(max_length=256)]
 Id32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
@@ -71,8 +87,8 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     tracking them would make collections frequent and slow.
     """
 
-    id: Ident
-    agent_id: Ident
+    id: EventIdent
+    agent_id: EventIdent
     host: ShortText
     ts: TimestampNs
     kind: Kind
@@ -131,12 +147,30 @@ class Alert(msgspec.Struct, kw_only=True, omit_defaults=True):
         return f"alert.{self.severity}"
 
 
-class Batch(msgspec.Struct, kw_only=True):
-    """The envelope an agent publishes: many events in one MQTT message."""
+Seq = tuple[Annotated[int, msgspec.Meta(ge=1)], Annotated[int, msgspec.Meta(ge=1)]]
 
-    events: list[Any]
+
+class Envelope(msgspec.Struct, kw_only=True):
+    """The envelope an agent publishes: many events in one MQTT message.
+
+    ``seq`` is the range of the agent's spool the batch holds, sent back in a
+    receipt once the batch is stored; ``v`` and ``agent_id`` must agree with
+    the schema version and the topic.
+    """
+
+    events: list[Event]
     v: int = SCHEMA_VERSION
     agent_id: str | None = None
+    seq: Seq | None = None
+
+
+class Decoded(msgspec.Struct):
+    """What :func:`decode_payload` made of a payload."""
+
+    events: list[Event]
+    rejected: list[Rejected]
+    #: The spool range to receipt, when the envelope carried a valid one.
+    seq: Seq | None = None
 
 
 class Rejected(msgspec.Struct, kw_only=True):
@@ -174,10 +208,40 @@ def parse_event(obj: Any, *, prefix: str = "$") -> Event:
         msg = f"an event must be a JSON object, got {type(obj).__name__} at {prefix}"
         raise EventError(msg, prefix)
     try:
-        return msgspec.convert(obj, Event)
+        event = msgspec.convert(obj, Event)
     except msgspec.ValidationError as exc:
         reason, field = _reason(exc, prefix)
         raise EventError(reason, field) from None
+    check_idents(event, prefix)
+    return event
+
+
+def check_idents(event: Event, prefix: str = "$") -> None:
+    """Check an event's ``id`` and ``agent_id`` against :data:`IDENT_PATTERN`.
+
+    Raises:
+        EventError: naming the field at fault.
+    """
+    for name in ("id", "agent_id"):
+        value = getattr(event, name)
+        if IDENT_RE.fullmatch(value) is None:
+            field = f"{prefix}.{name}"
+            msg = (
+                f"{name} must be 1 to 128 letters, digits, '.', '_', ':' or '-', "
+                f"starting with a letter or digit; got '{printable(value, 140)}' "
+                f"at {field}"
+            )
+            raise EventError(msg, field)
+
+
+def _idents_ok(events: list[Event]) -> bool:
+    # Every id and agent id of a batch checked with two calls in C, rather
+    # than a regular expression call per field (see EventIdent).
+    ids = "\n".join([event.id for event in events])
+    if ids.count("\n") != len(events) - 1 or _IDENT_LINES.fullmatch(ids) is None:
+        return False
+    agents = {event.agent_id for event in events}
+    return all(IDENT_RE.fullmatch(agent) is not None for agent in agents)
 
 
 def decode_batch(
@@ -185,25 +249,73 @@ def decode_batch(
 ) -> tuple[list[Event], list[Rejected]]:
     """Decode an MQTT payload holding one event or a batch of events.
 
-    A payload is either ``{"events": [...]}`` or a single event object. Each
-    event of a batch is validated on its own: the good ones are returned, the
-    bad ones come back as :class:`Rejected` with their reason.
+    The good events and the rejected ones; see :func:`decode_payload`.
+    """
+    decoded = decode_payload(payload, max_bytes=max_bytes, agent_id=agent_id)
+    return decoded.events, decoded.rejected
+
+
+def decode_payload(
+    payload: bytes, *, max_bytes: int, agent_id: str | None = None
+) -> Decoded:
+    """Decode an MQTT payload holding one event or a batch of events.
+
+    A payload is either ``{"events": [...]}`` (an :class:`Envelope`) or a
+    single event object. Each event of a batch is validated on its own: the
+    good ones are returned, the bad ones come back as :class:`Rejected` with
+    their reason.
 
     Args:
         payload: the raw bytes.
         max_bytes: the largest payload accepted; larger ones are refused whole.
-        agent_id: when given, events claiming another agent are rejected (the
-            topic names the agent that sent them).
+        agent_id: when given, events (and an envelope) claiming another agent
+            are rejected (the topic names the agent that sent them).
 
     Raises:
         EventError: the payload as a whole is unusable (too large, not JSON,
-            not an object).
+            not an object, an envelope of another version or agent).
     """
     if len(payload) > max_bytes:
         msg = f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}"
         raise PayloadTooLargeError(msg)
-    # Decode the envelope only, keeping each event as raw JSON; each event is
-    # then decoded and validated in one pass by msgspec, on its own.
+    # The usual batch is all good: decode it in one pass, and go event by
+    # event only to find out which ones are bad.
+    try:
+        batch = _envelope_decoder.decode(payload)
+    except (msgspec.DecodeError, RecursionError):
+        pass  # not a batch, or a bad part in it (invalid UTF-8, too deep...)
+    else:
+        _check_envelope(batch.v, batch.agent_id, agent_id)
+        events = batch.events
+        if (agent_id is None or all(e.agent_id == agent_id for e in events)) and (
+            not events or _idents_ok(events)
+        ):
+            return Decoded(events, [], batch.seq)
+    return _decode_slowly(payload, agent_id)
+
+
+def _check_envelope(version: Any, claimed: Any, agent_id: str | None) -> None:
+    if version != SCHEMA_VERSION:
+        msg = (
+            f"batch of schema version {printable(repr(version), 20)} at $.v: "
+            f"this hive reads version {SCHEMA_VERSION}"
+        )
+        raise EventError(msg, "$.v")
+    if claimed is None:
+        return
+    if not isinstance(claimed, str) or IDENT_RE.fullmatch(claimed) is None:
+        raise EventError("the batch's agent_id is not a valid agent id", "$.agent_id")
+    if agent_id is not None and claimed != agent_id:
+        msg = (
+            f"batch claims agent {claimed!r} at $.agent_id but was published "
+            f"on the topic of agent {agent_id!r}"
+        )
+        raise EventError(msg, "$.agent_id")
+
+
+def _decode_slowly(payload: bytes, agent_id: str | None) -> Decoded:
+    # Decode the envelope only, keeping each event as raw JSON; then each
+    # event on its own, to name the bad ones.
     try:
         top = _top_decoder.decode(payload)
     except msgspec.ValidationError:
@@ -213,18 +325,12 @@ def decode_batch(
     except RecursionError:
         raise EventError(_TOO_DEEP.format(where="payload")) from None
 
+    seq = None
     if "events" not in top:
         items, prefix = [msgspec.Raw(payload)], "$"
     else:
-        # The usual batch is all good: decode it in one call, and go event by
-        # event only to find out which ones are bad.
-        try:
-            events = _events_decoder.decode(top["events"])
-        except (msgspec.DecodeError, RecursionError):
-            pass  # a bad event (invalid UTF-8 and too deep included): go one by one
-        else:
-            if agent_id is None or all(e.agent_id == agent_id for e in events):
-                return events, []
+        version, claimed, seq = _envelope_fields(top)
+        _check_envelope(version, claimed, agent_id)
         try:
             items = _list_decoder.decode(top["events"])
         except msgspec.DecodeError:
@@ -236,38 +342,66 @@ def decode_batch(
     good: list[Event] = []
     bad: list[Rejected] = []
     for index, item in enumerate(items):
+        where = prefix.format(index)
         try:
             event = _event_decoder.decode(item)
+            check_idents(event, where)
         except msgspec.ValidationError as exc:
-            reason, _field = _reason(exc, prefix.format(index))
+            reason, _field = _reason(exc, where)
             bad.append(Rejected(index=index, reason=reason, raw=bytes(item)))
+            continue
+        except EventError as exc:
+            bad.append(Rejected(index=index, reason=exc.reason, raw=bytes(item)))
             continue
         except msgspec.DecodeError as exc:
             # Well-formed JSON around the event, but not inside it (a string
             # that is not UTF-8): refuse this event, not the whole batch.
-            reason = f"event at {prefix.format(index)} is not valid JSON: {exc}"
+            reason = f"event at {where} is not valid JSON: {exc}"
             bad.append(Rejected(index=index, reason=reason, raw=bytes(item)))
             continue
         except RecursionError:
-            reason = _TOO_DEEP.format(where=f"event at {prefix.format(index)}")
+            reason = _TOO_DEEP.format(where=f"event at {where}")
             bad.append(Rejected(index=index, reason=reason, raw=bytes(item)))
             continue
         if agent_id is not None and event.agent_id != agent_id:
             reason = (
-                f"event at {prefix.format(index)} claims agent {event.agent_id!r} "
+                f"event at {where} claims agent {event.agent_id!r} "
                 f"but was published on the topic of agent {agent_id!r}"
             )
             bad.append(Rejected(index=index, reason=reason, raw=bytes(item)))
             continue
         good.append(event)
-    return good, bad
+    return Decoded(good, bad, seq)
+
+
+def _envelope_fields(top: dict[str, msgspec.Raw]) -> tuple[Any, Any, Seq | None]:
+    """The envelope's ``v`` and ``agent_id`` as sent, and ``seq`` if valid."""
+    values = []
+    for name, default in (("v", SCHEMA_VERSION), ("agent_id", None)):
+        raw = top.get(name)
+        try:
+            values.append(default if raw is None else _any_decoder.decode(raw))
+        except (msgspec.DecodeError, RecursionError):
+            values.append(f"<invalid {name}>")
+    seq = None
+    if "seq" in top:
+        try:
+            seq = _seq_decoder.decode(top["seq"])
+        except (msgspec.DecodeError, RecursionError):
+            seq = None  # the events still count; only the receipt is lost
+    return values[0], values[1], seq
 
 
 _TOO_DEEP = "{where} is nested too deeply to decode"
 _top_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _event_decoder = msgspec.json.Decoder(Event)
-_events_decoder = msgspec.json.Decoder(list[Event])
+_envelope_decoder = msgspec.json.Decoder(Envelope)
+_seq_decoder = msgspec.json.Decoder(Seq | None)
+_any_decoder = msgspec.json.Decoder()
+_IDENT_LINES = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}(?:\n[A-Za-z0-9][A-Za-z0-9._:-]{0,127})*"
+)
 
 
 def _not_an_object(payload: bytes) -> str:

@@ -28,7 +28,7 @@ from immune.events import Ident
 
 COMMAND_VERSION = 1
 Target = Annotated[
-    str, msgspec.Meta(pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9._:-]{0,127})$")
+    str, msgspec.Meta(pattern=r"\A(\*|[A-Za-z0-9][A-Za-z0-9._:-]{0,127})\Z")
 ]
 AckState = Literal["acknowledged", "succeeded", "failed", "refused"]
 STATES = ("sent", "acknowledged", "succeeded", "failed", "timed_out", "refused")
@@ -56,7 +56,7 @@ class Command(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     v: int = COMMAND_VERSION
     id: Ident
     agent_id: Target
-    action: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+    action: Annotated[str, msgspec.Meta(pattern=r"\A[a-z][a-z0-9_]{0,63}\Z")]
     args: dict[str, Any] = msgspec.field(default_factory=dict)
     issued_ns: int
     expires_ns: int

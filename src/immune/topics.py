@@ -23,7 +23,8 @@ COMMANDS = "commands"
 #: Receipts for stored event batches, hive -> agent.
 RECEIPTS = "receipts"
 
-_AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# Matched whole (fullmatch): with `$`, "web-1\n" would pass.
+_AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def agent_topic(prefix: str, agent_id: str, leaf: str) -> str:
@@ -69,13 +70,13 @@ def parse_agent_topic(prefix: str, topic: str) -> tuple[str, str] | None:
     if not topic.startswith(head):
         return None
     parts = topic[len(head) :].split("/")
-    if len(parts) != 2 or not _AGENT_ID.match(parts[0]):
+    if len(parts) != 2 or not _AGENT_ID.fullmatch(parts[0]):
         return None
     return parts[0], parts[1]
 
 
 def is_valid_agent_id(agent_id: str) -> bool:
-    return bool(_AGENT_ID.match(agent_id))
+    return bool(_AGENT_ID.fullmatch(agent_id))
 
 
 def default_client_id(role: str, name: str, prefix: str) -> str:

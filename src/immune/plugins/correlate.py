@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from immune.events import Alert, Event, now_ns
 from immune.hookspecs import hookimpl
-from immune.rules.correlation import Correlator, Item, finding_alert
+from immune.rules.correlation import Correlator, Finding, Item, finding_alert
 from immune.rules.ruleset import RuleSet
 from immune.rules.source import RuleSource, check_settings
 
@@ -106,12 +107,20 @@ class CorrelatePlugin:
         """Reload the rule files now (anything published on ``rules.reload``)."""
         self.use(await asyncio.to_thread(self.source.load))
 
-    async def feed(self, item: Item) -> None:
-        """Give an event or an alert to the correlations; raise what fires."""
+    def feed(self, item: Item) -> Awaitable[None] | None:
+        """Give an event or an alert to the correlations; raise what fires.
+
+        Returns None when nothing fired (nearly always), else the coroutine
+        publishing the alerts, which the bus awaits.
+        """
         if not isinstance(item, Event | Alert):
             self.hive.metrics.inc("correlate.ignored")
-            return
-        for finding in self.correlator.feed(item):
+            return None
+        findings = self.correlator.feed(item)
+        return self._raise(findings) if findings else None
+
+    async def _raise(self, findings: list[Finding]) -> None:
+        for finding in findings:
             alert = finding_alert(finding, ts=now_ns())
             self.hive.metrics.inc("correlate.fired")
             # Built here rather than by hive.raise_alert, which takes events

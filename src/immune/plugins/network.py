@@ -26,7 +26,7 @@ import orjson
 
 from immune import topics
 from immune.errors import EventError
-from immune.events import Alert, Int64, decode_batch, encode, now_ns
+from immune.events import Alert, Int64, decode_payload, encode, now_ns
 from immune.hookspecs import hookimpl
 from immune.mqtt import (
     Backoff,
@@ -295,7 +295,8 @@ class NetworkPlugin:
     async def _events(self, topic: str, agent_id: str, payload: bytes) -> None:
         hive = self.hive
         limit = hive.config.hive.max_payload_bytes
-        good, bad = decode_batch(payload, max_bytes=limit, agent_id=agent_id)
+        decoded = decode_payload(payload, max_bytes=limit, agent_id=agent_id)
+        good, bad = decoded.events, decoded.rejected
         hive.metrics.inc("events.received", len(good) + len(bad))
         for rejected in bad:
             hive.metrics.inc("events.rejected")
@@ -303,13 +304,17 @@ class NetworkPlugin:
         if good:
             await hive.ingest(good)
             await self._seen(agent_id, good[0].host)
-        await self._receipt_later(agent_id, payload)
+        await self._receipt(agent_id, decoded.seq)
 
     async def _receipt_later(self, agent_id: str, payload: bytes) -> None:
+        # For a payload refused whole: its spool range, if it can be read.
         try:
             seq = _seq_decoder.decode(payload).seq
         except (msgspec.DecodeError, RecursionError):
             return
+        await self._receipt(agent_id, seq)
+
+    async def _receipt(self, agent_id: str, seq: tuple[int, int] | None) -> None:
         if seq is not None:
             # After the events on the agent's bus shard: handled once storage
             # has them (see send_receipts).

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from immune.events import Event
 from immune.hookspecs import hookimpl
-from immune.rules.ruleset import RuleSet, alert_key, event_context
+from immune.rules.ruleset import Rule, RuleSet, alert_key, event_context
 from immune.rules.source import RuleSource, check_settings
 
 if TYPE_CHECKING:
@@ -82,11 +83,22 @@ class RulesPlugin:
         """Reload the rule files now (anything published on ``rules.reload``)."""
         await asyncio.to_thread(self.source.load)
 
-    async def check(self, event: Event) -> None:
-        """Raise an alert for each enabled rule the event matches."""
-        for rule in self.ruleset.for_kind(event.kind):
-            if rule.id in self.disabled or not rule.matches(event):
-                continue
+    def check(self, event: Event) -> Awaitable[None] | None:
+        """Raise an alert for each enabled rule the event matches.
+
+        Returns None when no rule matched (nearly always), else the coroutine
+        raising the alerts, which the bus awaits: a miss costs no coroutine.
+        """
+        disabled = self.disabled
+        hits = [
+            rule
+            for rule in self.ruleset.for_kind(event.kind)
+            if rule.matches(event) and rule.id not in disabled
+        ]
+        return self._raise(event, hits) if hits else None
+
+    async def _raise(self, event: Event, rules: list[Rule]) -> None:
+        for rule in rules:
             self.hive.metrics.inc("rules.hits")
             data = event_context(event)
             if rule.file:

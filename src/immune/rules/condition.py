@@ -364,9 +364,14 @@ def _regex(
             why = why.decode(errors="replace") if isinstance(why, bytes) else why
             reason = f"{name}: regex {value!r} is refused by RE2: {why}"
             raise ctx.error(reason, where, "regex") from None
-    pattern = compile_regex("|".join(f"(?:{v})" for v in values))
-    search = pattern.search
-    return lambda v: isinstance(v, str) and search(v) is not None
+    # Whether any pattern is found, asked of an RE2 set: one call into RE2,
+    # without the match object (and its offsets) that search() builds.
+    patterns = re2.Set.SearchSet(_RE2_OPTIONS)
+    for value in values:
+        patterns.Add(value)
+    patterns.Compile()
+    match = patterns.Match
+    return lambda v: isinstance(v, str) and match(v) is not None
 
 
 # -- combining ----------------------------------------------------------------

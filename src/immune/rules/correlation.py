@@ -422,9 +422,9 @@ class Correlator:
             c.id: OrderedDict() for c in self.correlations
         }
         self.now: dict[str, int] = {c.id: 0 for c in self.correlations}
-        # For each event kind, the correlations and stages that can use it,
-        # so that an event is tested against those filters alone.
-        self._by_kind: dict[str, list[tuple[Correlation, list[tuple[int, Filter]]]]]
+        # For each event kind, the correlations and the tests of the stages
+        # that can use it, so that an event meets those tests alone.
+        self._by_kind: dict[str, list[tuple[Correlation, list[tuple[int, Predicate]]]]]
         self._by_kind = {kind: self._index(kind) for kind in KINDS}
         self._on_alerts = [
             (c, [(n, f) for n, f in enumerate(c.filters) if f.on == "alert"])
@@ -432,13 +432,17 @@ class Correlator:
             if "alert" in c.on
         ]
 
-    def _index(self, kind: str) -> list[tuple[Correlation, list[tuple[int, Filter]]]]:
+    def _index(
+        self, kind: str
+    ) -> list[tuple[Correlation, list[tuple[int, Predicate]]]]:
         index = []
         for corr in self.correlations:
             filters = [
-                (n, f)
+                (n, f.event_test)
                 for n, f in enumerate(corr.filters)
-                if f.on == "event" and (f.kinds is None or kind in f.kinds)
+                if f.on == "event"
+                and f.event_test is not None
+                and (f.kinds is None or kind in f.kinds)
             ]
             if filters:
                 index.append((corr, filters))
@@ -452,16 +456,19 @@ class Correlator:
         """Take one event or alert; return the correlations it completes."""
         found = []
         if isinstance(item, Event):
-            chosen = self._by_kind.get(item.kind, ())
-        else:
-            chosen = self._on_alerts
-        for corr, filters in chosen:
+            for corr, tests in self._by_kind.get(item.kind, ()):
+                stages = [n for n, test in tests if test(item)]
+                if stages:
+                    finding = self._feed_one(corr, stages, item)
+                    if finding is not None:
+                        found.append(finding)
+            return found
+        for corr, filters in self._on_alerts:
             stages = [n for n, f in filters if f.matches(item)]
-            if not stages:
-                continue
-            finding = self._feed_one(corr, stages, item)
-            if finding is not None:
-                found.append(finding)
+            if stages:
+                finding = self._feed_one(corr, stages, item)
+                if finding is not None:
+                    found.append(finding)
         return found
 
     def _feed_one(

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import orjson
 
 from immune.errors import EventError
@@ -143,9 +142,9 @@ def make_event(fields: Any, index: int, *, file: str | None = None) -> Event:
     obj.setdefault("agent_id", "test-agent")
     obj.setdefault("host", "test-host")
     try:
-        return msgspec.convert(_plain(obj), Event)
-    except msgspec.ValidationError as exc:
-        reason = f"bad test event: {exc}"
+        return parse_event(_plain(obj))
+    except EventError as exc:
+        reason = f"bad test event: {exc.reason}"
         raise RuleError(reason, file=file, line=_yaml.line_of(fields)) from None
 
 

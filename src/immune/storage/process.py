@@ -143,6 +143,15 @@ class WriterProcess:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
 
+    def start(self) -> None:
+        """Start the child now rather than at the first write (blocks).
+
+        Starting it takes most of a second (a new interpreter importing the
+        storage code): better before events arrive than in their way.
+        """
+        with self._lock:
+            self._connection()
+
     def write(self, engine: Engine, sql: Statements, batch: Batch) -> Outcome:
         """Write a batch: events in the child, then the rest with ``engine``.
 

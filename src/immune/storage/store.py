@@ -131,6 +131,8 @@ class Store:
         if self._task is not None:
             return
         await asyncio.to_thread(self.check_ready)
+        if self._process is not None:
+            await asyncio.to_thread(self._process.start)
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="immune.storage.flush")
         logger.info("Storage started on %r.", self)

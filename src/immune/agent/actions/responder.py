@@ -99,7 +99,7 @@ class PathArgs(_Args):
 
 
 class RestoreArgs(_Args):
-    id: Annotated[str, msgspec.Meta(pattern="^[0-9a-f-]{36}$")]
+    id: Annotated[str, msgspec.Meta(pattern=r"\A[0-9a-f-]{36}\Z")]
     overwrite: bool = False
 
 
