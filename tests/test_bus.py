@@ -203,3 +203,35 @@ async def test_bus_index_updates_when_subscriptions_change() -> None:
     assert bus.handlers_for("event.exec") == (second,)
     bus.unsubscribe(second)
     assert bus.handlers_for("event.exec") == ()
+
+
+async def test_bus_backlog_leaves_other_tasks_their_turn() -> None:
+    # A shard with publications waiting does not wait in get(): without a
+    # pause between publications it would keep the loop from every other
+    # task (storage handing rows to its writer, the MQTT client) until its
+    # backlog is gone.
+    bus = Bus(shards=1, queue_size=1000)
+    delivered = 0
+    seen_by_other_task: list[int] = []
+
+    def handler(_message: object) -> None:
+        nonlocal delivered
+        delivered += 1
+
+    async def other_task() -> None:
+        while delivered < 100 * 50:
+            seen_by_other_task.append(delivered)
+            await asyncio.sleep(0)
+
+    bus.subscribe("event.#", handler)
+    for _ in range(100):
+        await bus.publish_many([("event.exec", None)] * 50, key="a")
+    bus.start()
+    other = asyncio.create_task(other_task())
+    await bus.join()
+    await other
+    await bus.stop()
+    assert delivered == 5000
+    # The other task ran while the backlog was being delivered, not after.
+    during = [n for n in seen_by_other_task if 0 < n < 5000]
+    assert len(during) >= 50

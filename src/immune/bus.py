@@ -200,8 +200,11 @@ class Bus:
             if depth >= MAX_DEPTH:
                 msg = f"publishing loop on {items[0][0]!r}: nested {depth} deep"
                 raise BusError(msg)
-            for topic, message in items:
-                await self._dispatch(topic, message)
+            token = _depth.set(depth + 1)
+            try:
+                await self._deliver(items)
+            finally:
+                _depth.reset(token)
             return
         queue = self._queues[hash(key) % len(self._queues) if key else 0]
         if queue.full():
@@ -209,22 +212,18 @@ class Bus:
         await queue.put(items)
         self.metrics.inc("bus.published", len(items))
 
-    async def _dispatch(self, topic: str, message: Any) -> None:
-        token = _depth.set(_depth.get() + 1)
-        try:
-            await self._deliver(topic, message)
-        finally:
-            _depth.reset(token)
-
-    async def _deliver(self, topic: str, message: Any) -> None:
-        # The caller has marked the task as dispatching (see _depth).
-        for sub in self.handlers_for(topic):
-            try:
-                result = sub.handler(message)
-                if sub.is_async or (result is not None and isawaitable(result)):
-                    await result  # type: ignore[misc]  # checked just above
-            except Exception as exc:  # noqa: BLE001 - one plugin must not stop others
-                await self._handler_failed(topic, message, sub, exc)
+    async def _deliver(self, items: list[tuple[str, Any]]) -> None:
+        # The caller has marked the task as dispatching (see _depth). One
+        # coroutine for the whole publication: one per message would cost
+        # more than most handlers do.
+        for topic, message in items:
+            for sub in self.handlers_for(topic):
+                try:
+                    result = sub.handler(message)
+                    if sub.is_async or (result is not None and isawaitable(result)):
+                        await result  # type: ignore[misc]  # checked just above
+                except Exception as exc:  # noqa: BLE001 - one plugin must not stop others
+                    await self._handler_failed(topic, message, sub, exc)
 
     async def _handler_failed(
         self, topic: str, message: Any, sub: Subscription, exc: Exception
@@ -264,8 +263,7 @@ class Bus:
             items = await queue.get()
             token = _depth.set(1)
             try:
-                for topic, message in items:
-                    await self._deliver(topic, message)
+                await self._deliver(items)
                 self.metrics.inc("bus.delivered", len(items))
             finally:
                 _depth.reset(token)

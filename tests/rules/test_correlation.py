@@ -290,3 +290,14 @@ def test_indicator_of_a_file_opened_is_the_file_not_the_program() -> None:
         data={"kind": "open", "path": "/etc/shadow", "exe": "/usr/bin/cat"},
     )
     assert key_part(alert, "indicator") == "/etc/shadow"
+
+
+def test_correlation_rule_stage_holds_for_the_rules_kinds_only():
+    # A stage naming a rule skips the rule's kind test on the events the
+    # index hands it; asked directly, the stage still tests the kind.
+    rules = ruleset(SEQUENCE)
+    first = rules.correlations["chain"].filters[0]
+    assert first.kinds == frozenset({"exec"})
+    assert first.matches(ev(exe="/tmp/x"))
+    assert not first.matches(ev("fork", exe="/tmp/x"))
+    assert not first.matches(ev(exe="/usr/bin/x"))

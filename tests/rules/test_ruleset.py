@@ -46,6 +46,49 @@ def test_ruleset_rule_fields_and_matching():
     assert rules.match(ev("fork", exe="/bin/sh", uid=0)) == []
 
 
+def test_ruleset_index_leaves_out_the_kind_test_and_nothing_else():
+    # Events reach a rule through the index of its kinds, so the test of the
+    # kind is left out there; the whole condition still holds everywhere else.
+    rules = ruleset(
+        GOOD
+        + """\
+  - id: just-exec
+    condition: {kind: exec}
+  - id: exec-or-fork
+    condition: {kind: [exec, fork], uid: 0}
+  - id: said-kinds
+    kinds: [exec]
+    condition: {kind: [exec, open], uid: 0}
+  - id: wider-kinds
+    kinds: [exec, fork]
+    condition: {kind: exec, uid: 0}
+"""
+    )
+    events = [
+        ev(exe="/bin/sh", uid=0),
+        ev(exe="/bin/sh", uid=1),
+        ev("fork", exe="/bin/sh", uid=0),
+        ev("open", uid=0),
+        ev(uid=0, cwd="/root/allowed", exe="/bin/bash"),
+    ]
+    for rule in rules.rules.values():
+        for event in events:
+            expected = rule.matches(event)
+            if rule.kinds is None or event.kind in rule.kinds:
+                assert rule.matches_indexed(event) is expected, (rule.id, event)
+    assert rules.rules["root-shell"].indexed is not None
+    assert rules.rules["just-exec"].indexed is not None
+    # kinds: wider than the condition's kind: the kind test stays.
+    assert rules.rules["wider-kinds"].indexed is None
+    assert not rules.rules["wider-kinds"].matches_indexed(ev("fork", uid=0))
+    assert [r.id for r in rules.match(ev(uid=0))] == [
+        "just-exec",
+        "exec-or-fork",
+        "said-kinds",
+        "wider-kinds",
+    ]
+
+
 def test_ruleset_disabled_rule_is_kept_but_not_run():
     rules = ruleset(GOOD)
     assert "idle" in rules.rules

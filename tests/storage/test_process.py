@@ -119,3 +119,76 @@ asyncio.run(main())
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "True"]
     assert "No writer process" in result.stderr
+
+
+async def test_store_writer_process_starts_with_the_store(sqlite_url: str) -> None:
+    # Started by start(), not by the first batch: the first events do not
+    # wait for a new interpreter to import the storage code.
+    store = Store(sqlite_url, config=StorageConfig(batch_size=10, flush_interval=0.01))
+    store.upgrade()
+    await store.start()
+    try:
+        pid = _child_pid(store)
+        os.kill(pid, 0)  # alive before anything was written
+        await store.add_events([make_event() for _ in range(10)])
+        await store.flush()
+        assert _child_pid(store) == pid
+        assert store.metrics.get("storage.writer_restarts") == 0
+    finally:
+        await store.stop()
+        store.close()
+
+
+async def test_store_two_batches_in_flight_each_get_their_own_answer(
+    sqlite_url: str,
+) -> None:
+    # flush() hands the child a second batch while it writes the first; the
+    # answers are read in order, so each batch is counted as what it was.
+    config = StorageConfig(batch_size=100, flush_interval=60)
+    store = Store(sqlite_url, config=config)
+    store.upgrade()
+    try:
+        fresh = [make_event() for _ in range(100)]
+        await store.add_events(fresh)
+        await store.flush()
+        again = fresh[:40] + [make_event() for _ in range(60)]
+        more = [make_event() for _ in range(100)]
+        await store.add_events(again + more)
+        assert store.pending == 200
+        await store.flush()
+        assert store.metrics.get("storage.flushes") == 3
+        assert store.metrics.get("storage.events_written") == 260
+        assert store.metrics.get("storage.events_duplicate") == 40
+        assert store.counts()["events"] == 260
+        assert store.pending == 0
+    finally:
+        await store.stop()
+        store.close()
+
+
+async def test_store_writer_killed_with_two_batches_in_flight_loses_nothing(
+    sqlite_url: str,
+) -> None:
+    config = StorageConfig(batch_size=500, flush_interval=60)
+    store = Store(sqlite_url, config=config)
+    store.upgrade()
+    await store.start()
+    try:
+        events = [make_event() for _ in range(5000)]
+        await store.add_events(events)
+        flushing = asyncio.ensure_future(store.flush())
+        # Kill the child while batches are on their way to it or in it.
+        await wait_until(lambda: store.metrics.get("storage.flushes") >= 1)
+        os.kill(_child_pid(store), signal.SIGKILL)
+        await flushing
+        assert store.counts()["events"] == 5000
+        assert store.pending == 0
+        # A batch the child committed just before it died is written again
+        # by the new child, which finds its rows already there.
+        written = store.metrics.get("storage.events_written")
+        duplicate = store.metrics.get("storage.events_duplicate")
+        assert written <= 5000 <= written + duplicate
+        assert store.metrics.get("storage.writer_restarts") == 1
+    finally:
+        await store.stop()
+        store.close()

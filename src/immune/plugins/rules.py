@@ -93,7 +93,7 @@ class RulesPlugin:
         hits = [
             rule
             for rule in self.ruleset.for_kind(event.kind)
-            if rule.matches(event) and rule.id not in disabled
+            if rule.matches_indexed(event) and rule.id not in disabled
         ]
         return self._raise(event, hits) if hits else None
 

@@ -107,6 +107,8 @@ class Filter:
         if isinstance(item, Event):
             if self.on != "event" or self.event_test is None:
                 return False
+            if self.kinds is not None and item.kind not in self.kinds:
+                return False
             return self.event_test(item)
         if self.on != "alert" or SEVERITY_RANK[item.severity] < self.min_rank:
             return False
@@ -273,8 +275,10 @@ def _filter(
     for rule_id in _names(obj, "rule", context):
         if rule_id not in rules:
             raise context.error(f"unknown rule {rule_id!r}", obj, "rule")
-        tests.append(rules[rule_id].matches)
-        kinds.append(rules[rule_id].kinds)
+        rule = rules[rule_id]
+        # The filter sees events of the rule's kinds only (see its kinds).
+        tests.append(rule.matches if rule.kinds is None else rule.matches_indexed)
+        kinds.append(rule.kinds)
     if "condition" in obj:
         tests.append(compile_condition(obj["condition"], context))
         kinds.append(kinds_of(obj["condition"], context.macros))

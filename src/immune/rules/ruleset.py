@@ -77,10 +77,19 @@ class Rule:
     file: str | None = None
     line: int | None = None
     tests: list[Any] = field(default_factory=list)
+    #: The condition for events of one of ``kinds`` (the test of the kind
+    #: left out, since the index already made it); None: ``condition``.
+    indexed: Predicate | None = None
 
     def matches(self, event: Event) -> bool:
         """Whether the event meets the condition and none of the exceptions."""
         if not self.condition(event):
+            return False
+        return not any(exception(event) for exception in self.exceptions)
+
+    def matches_indexed(self, event: Event) -> bool:
+        """:meth:`matches`, for an event whose kind is one of ``kinds``."""
+        if not (self.indexed or self.condition)(event):
             return False
         return not any(exception(event) for exception in self.exceptions)
 
@@ -113,7 +122,9 @@ class RuleSet:
 
     def match(self, event: Event) -> list[Rule]:
         """The enabled rules the event matches."""
-        return [rule for rule in self.for_kind(event.kind) if rule.matches(event)]
+        return [
+            rule for rule in self.for_kind(event.kind) if rule.matches_indexed(event)
+        ]
 
 
 def rule_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -309,6 +320,9 @@ def parse_rule(obj: Mapping[str, Any], context: Context) -> Rule:
     if not isinstance(tests, list):
         raise context.error("tests: must be a list", obj, "tests")
     kinds = check_kinds(obj, context)
+    if kinds is None:
+        kinds = kinds_of(obj["condition"], context.macros)
+    condition = compile_condition(obj["condition"], context)
     return Rule(
         id=ident,
         title=check_text(obj, "title", context, default=ident),
@@ -317,15 +331,33 @@ def parse_rule(obj: Mapping[str, Any], context: Context) -> Rule:
         techniques=check_techniques(obj, context),
         tags=check_tags(obj, context),
         enabled=check_bool(obj, "enabled", context, True),
-        condition=compile_condition(obj["condition"], context),
+        condition=condition,
         exceptions=tuple(compile_condition(e, context) for e in exceptions),
-        kinds=kinds
-        if kinds is not None
-        else kinds_of(obj["condition"], context.macros),
+        kinds=kinds,
         file=context.file,
         line=_yaml.line_of(obj),
         tests=list(tests),
+        indexed=_without_kind(obj["condition"], kinds, context),
     )
+
+
+def _without_kind(
+    condition: Any, kinds: frozenset[str] | None, context: Context
+) -> Predicate | None:
+    """The condition less its ``kind`` entry, which events of ``kinds`` meet."""
+    if kinds is None or not isinstance(condition, Mapping) or "kind" not in condition:
+        return None
+    named = kinds_of({"kind": condition["kind"]})
+    if named is None or not kinds <= named:
+        return None
+    rest = {key: value for key, value in condition.items() if key != "kind"}
+    if not rest:
+        return _always
+    return compile_condition(rest, context)
+
+
+def _always(_event: Event) -> bool:
+    return True
 
 
 def check_id(obj: Mapping[str, Any], context: Context) -> str:

@@ -139,7 +139,16 @@ class WriterProcess:
         self.busy_timeout = busy_timeout
         self.metrics = metrics or Metrics()
         self._started = 0
-        self._lock = threading.Lock()
+        # Two batches may be in flight (see Store.flush): one thread sends
+        # at a time (``_lock``, which also guards starting and reaping the
+        # child), and replies are read in the order the batches were sent
+        # (``_turn``). Never take ``_lock`` while holding ``_turn``.
+        self._lock = threading.RLock()
+        self._turn = threading.Condition()
+        self._sent = 0
+        self._read = 0
+        #: Counts children reaped: a reply owed by a dead child never comes.
+        self._generation = 0
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
 
@@ -180,8 +189,7 @@ class WriterProcess:
         return _merged(out, tail)
 
     def _write_events(self, events: EventItems) -> Outcome:
-        with self._lock:
-            reply = self._ask(_encode(events))
+        reply = self._ask(_encode(events))
         if reply.failed is not None:
             raise WriterProcessError(reply.failed)
         out = Outcome(
@@ -196,14 +204,39 @@ class WriterProcess:
         return out
 
     def _ask(self, message: bytes) -> _Reply:
-        conn = self._connection()
+        with self._lock:
+            conn = self._connection()
+            generation, ticket = self._generation, self._sent
+            self._sent += 1
+            try:
+                conn.send_bytes(message)
+            except (EOFError, OSError) as exc:
+                raise self._died(exc, generation) from exc
+        with self._turn:
+            self._turn.wait_for(
+                lambda: self._read == ticket or self._generation != generation
+            )
+            if self._generation != generation:
+                msg = "the writer process died before it answered for this batch"
+                raise WriterProcessError(msg)
         try:
-            conn.send_bytes(message)
-            return _decode_reply(conn.recv_bytes())
+            data = conn.recv_bytes()
         except (EOFError, OSError) as exc:
-            code = self._reap()
-            msg = f"the writer process died (exit code {code}): {exc or 'EOF'}"
-            raise WriterProcessError(msg) from exc
+            raise self._died(exc, generation) from exc
+        finally:
+            with self._turn:
+                if self._generation == generation:
+                    self._read += 1
+                self._turn.notify_all()
+        return _decode_reply(data)
+
+    def _died(self, exc: BaseException, generation: int) -> WriterProcessError:
+        code = None
+        with self._lock:
+            if self._generation == generation:
+                code = self._reap()
+        msg = f"the writer process died (exit code {code}): {exc or 'EOF'}"
+        return WriterProcessError(msg)
 
     def _connection(self) -> Connection:
         if self._conn is not None and self._process is not None:
@@ -229,8 +262,13 @@ class WriterProcess:
         return parent
 
     def _reap(self) -> int | None:
+        # Called with _lock held.
         process, conn = self._process, self._conn
         self._process = self._conn = None
+        with self._turn:
+            self._generation += 1
+            self._sent = self._read = 0
+            self._turn.notify_all()
         if conn is not None:
             conn.close()
         if process is None:

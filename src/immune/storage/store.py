@@ -97,7 +97,7 @@ class Store:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         # Writes whose waiter was cancelled; their thread still runs.
-        self._orphans: set[asyncio.Future[Outcome]] = set()
+        self._orphans: set[asyncio.Future[Any]] = set()
 
     def __repr__(self) -> str:
         return f"Store({self.url.render_as_string(hide_password=True)!r})"
@@ -308,23 +308,48 @@ class Store:
                 await asyncio.wait(set(self._orphans))
             rounds = self.pending // self.config.batch_size + 1
             delay = BACKOFF_START
-            while rounds and self.pending:
-                error, rejected = await self._write_once(self._take())
-                if error is None:
-                    # Refused rows came back as dead letters: one more round.
-                    if not rejected:
+            # The writer process takes a second batch while it writes the
+            # first: it never waits for the event loop to hand it the next.
+            depth = 1 if self._process is None else 2
+            running: set[asyncio.Task[tuple[BaseException | None, int]]] = set()
+            try:
+                while True:
+                    while rounds and self._queued_rows() and len(running) < depth:
+                        batch = self._take()
+                        running.add(asyncio.ensure_future(self._write_once(batch)))
                         rounds -= 1
-                    delay = BACKOFF_START
-                    continue
-                logger.warning(
-                    "Writing to the database failed, %d rows kept, retrying in "
-                    "%.2f s: %s.",
-                    self.pending,
-                    delay,
-                    db_reason(error),
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX)
+                    if not running:
+                        return
+                    done, running = await asyncio.wait(
+                        running, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    errors = []
+                    for task in done:
+                        error, rejected = task.result()
+                        if error is not None:
+                            errors.append(error)
+                            rounds += 1  # its rows are back in the queue
+                        elif rejected:
+                            # Refused rows came back as dead letters.
+                            rounds += 1
+                    if not errors:
+                        delay = BACKOFF_START
+                        continue
+                    logger.warning(
+                        "Writing to the database failed, %d rows kept, retrying "
+                        "in %.2f s: %s.",
+                        self.pending,
+                        delay,
+                        db_reason(errors[0]),
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, BACKOFF_MAX)
+            except asyncio.CancelledError:
+                # Writes under way settle their batch when they end.
+                for task in running:
+                    self._orphans.add(task)
+                    task.add_done_callback(self._orphans.discard)
+                raise
 
     async def _run(self) -> None:
         interval = self.config.flush_interval
@@ -343,6 +368,10 @@ class Store:
                 # or writers waiting for room would wait forever.
                 logger.exception("Flushing pending rows failed.")
                 await asyncio.sleep(BACKOFF_MAX)
+
+    def _queued_rows(self) -> int:
+        """Rows waiting to be taken (``pending`` less those being written)."""
+        return len(self._events) + len(self._alerts) + len(self._dead)
 
     def _take(self) -> Batch:
         size = self.config.batch_size
