@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import operator
 import time
 from collections.abc import Coroutine, Iterable
 from typing import Any
@@ -240,7 +241,7 @@ class Hive:
         """Put validated events on the bus, keyed by agent to keep their order."""
         # Runs of events from one agent (a whole MQTT batch, usually) cross
         # the bus as one publication.
-        for agent_id, run in itertools.groupby(events, key=_agent_of):
+        for agent_id, run in itertools.groupby(events, key=_AGENT_OF):
             items = [(EVENT_TOPICS[event.kind], event) for event in run]
             await self.bus.publish_many(items, key=agent_id)
             self.metrics.inc("events.accepted", len(items))
@@ -348,8 +349,7 @@ async def wait_unless(event: asyncio.Event, seconds: float) -> bool:
     return False
 
 
-def _agent_of(event: Event) -> str:
-    return event.agent_id
+_AGENT_OF = operator.attrgetter("agent_id")
 
 
 async def _maybe_await(value: Any) -> Any:
