@@ -68,6 +68,8 @@ async def test_silent_agent_goes_offline_and_comes_back(
     await publish(mqtt_broker, f"{base}/register", [b'{"agent_id": "quiet-1"}'])
     await until(lambda: status(hive, "quiet-1") == "online")
     await until(lambda: status(hive, "quiet-1") == "offline", timeout=5)
+    # The row is marked before agent.offline is published: wait for it.
+    await until(lambda: len(offline) >= 1)
     assert len(offline) == 1
     await publish(mqtt_broker, f"{base}/heartbeat", [b'{"agent_id": "quiet-1"}'])
     await until(lambda: status(hive, "quiet-1") == "online")
