@@ -235,3 +235,21 @@ async def test_bus_backlog_leaves_other_tasks_their_turn() -> None:
     # The other task ran while the backlog was being delivered, not after.
     during = [n for n in seen_by_other_task if 0 < n < 5000]
     assert len(during) >= 50
+
+
+async def test_bus_failing_handler_text_is_logged_on_one_escaped_line(caplog) -> None:  # noqa: ANN001
+    # An exception's text can carry event data (a path, a command line): it
+    # must not forge a log line or drive the operator's terminal.
+    bus = Bus()
+
+    def boom(message: str) -> None:
+        raise ValueError(f"bad value {message}")
+
+    bus.subscribe("t.x", boom, owner="bad")
+    bus.start()
+    await bus.publish("t.x", "x\n2026-12-04 CRITICAL forged\x1b[2J")
+    await bus.stop()
+    (record,) = [r for r in caplog.records if r.name == "immune.bus"]
+    line = record.getMessage()
+    assert "\n" not in line and "\x1b" not in line
+    assert "bad value x\\n2026-12-04 CRITICAL forged\\x1b[2J" in line

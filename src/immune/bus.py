@@ -29,6 +29,7 @@ from typing import Any
 
 from immune.errors import ImmuneError
 from immune.metrics import Metrics
+from immune.safe import printable
 
 logger = logging.getLogger(__name__)
 
@@ -230,12 +231,13 @@ class Bus:
     ) -> None:
         self.metrics.inc("bus.handler_errors")
         self.metrics.inc(f"bus.handler_errors.{sub.owner}")
+        # The exception's text may carry event data: one escaped line.
         logger.error(
             "Handler %s of %s failed on %s: %s",
             _name(sub.handler),
             sub.owner,
             topic,
-            exc,
+            printable(exc),
             exc_info=exc,
         )
         if self.on_error is not None:

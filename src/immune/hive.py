@@ -215,7 +215,9 @@ class Hive:
             return
         self.metrics.inc("hive.task_errors")
         exc = task.exception()
-        logger.error("Task %s failed: %s", task.get_name(), exc, exc_info=exc)
+        logger.error(
+            "Task %s failed: %s", task.get_name(), printable(exc), exc_info=exc
+        )
 
     async def sleep(self, seconds: float) -> bool:
         """Wait ``seconds``, or less if the hive stops meanwhile.

@@ -24,6 +24,7 @@ from typing import Any
 import pluggy
 
 from immune import hookspecs
+from immune.safe import printable
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class PluginManager:
             "Plugin %s failed in %s and is disabled: %s",
             info.name,
             stage,
-            exc,
+            printable(exc),
             exc_info=exc,
         )
         if self.pm.is_registered(info.obj):
