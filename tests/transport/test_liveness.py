@@ -171,6 +171,20 @@ async def test_oversized_heartbeat_is_a_dead_letter(
     assert "heartbeat payload of 66560 bytes exceeds 65536" in letter["reason"]
 
 
+async def test_status_of_unknown_value_is_a_dead_letter_not_online(
+    hive, mqtt_broker: str, mqtt_prefix: str
+) -> None:
+    topic = f"{mqtt_prefix}/agents/odd-1/status"
+    await publish(mqtt_broker, topic, [b'{"agent_id": "odd-1", "status": "asleep"}'])
+    await until(lambda: hive.metrics.get("agents.rejected") == 1)
+    await hive.store.flush()
+    (letter,) = hive.store.dead_letters()
+    assert "invalid status message" in letter["reason"]
+    assert "$.status" in letter["reason"]
+    assert status(hive, "odd-1") is None
+    assert hive.agent_status.get("odd-1") is None
+
+
 async def test_batch_without_seq_gets_no_receipt_but_is_stored(
     hive, mqtt_broker: str, mqtt_prefix: str
 ) -> None:

@@ -18,7 +18,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiomqtt
 import msgspec
@@ -81,7 +81,8 @@ class AgentHello(msgspec.Struct, kw_only=True):
     version: str = ""
     sensors: list[str] = msgspec.field(default_factory=list)
     started: Int64 | None = None
-    status: str | None = None
+    #: On ``status`` (retained, and the last will); another value is refused.
+    status: Literal["online", "offline"] | None = None
     counters: dict[str, Int64 | float] = msgspec.field(default_factory=dict)
     spool: SpoolReport | None = None
 
