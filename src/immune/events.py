@@ -147,7 +147,9 @@ class Alert(msgspec.Struct, kw_only=True, omit_defaults=True):
         return f"alert.{self.severity}"
 
 
-Seq = tuple[Annotated[int, msgspec.Meta(ge=1)], Annotated[int, msgspec.Meta(ge=1)]]
+# A spool position: what a receipt sends back must fit JSON encoders (64 bits).
+SeqNumber = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+Seq = tuple[SeqNumber, SeqNumber]
 
 
 class Envelope(msgspec.Struct, kw_only=True):
@@ -295,7 +297,8 @@ def decode_payload(
 
 
 def _check_envelope(version: Any, claimed: Any, agent_id: str | None) -> None:
-    if version != SCHEMA_VERSION:
+    # `true` and `1.0` equal 1 to Python: the version must be the integer.
+    if type(version) is not int or version != SCHEMA_VERSION:
         msg = (
             f"batch of schema version {printable(repr(version), 20)} at $.v: "
             f"this hive reads version {SCHEMA_VERSION}"

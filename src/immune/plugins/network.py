@@ -26,7 +26,7 @@ import orjson
 
 from immune import topics
 from immune.errors import EventError
-from immune.events import Alert, Int64, decode_payload, encode, now_ns
+from immune.events import Alert, Int64, Seq, decode_payload, encode, now_ns
 from immune.hookspecs import hookimpl
 from immune.mqtt import (
     Backoff,
@@ -63,7 +63,7 @@ RECEIPT_TOPIC = "transport.receipt"
 class BatchSeq(msgspec.Struct):
     """The spool range an agent's batch carries, to receipt it."""
 
-    seq: tuple[int, int] | None = None
+    seq: Seq | None = None
 
 
 class SpoolReport(msgspec.Struct):
@@ -315,7 +315,7 @@ class NetworkPlugin:
             return
         await self._receipt(agent_id, seq)
 
-    async def _receipt(self, agent_id: str, seq: tuple[int, int] | None) -> None:
+    async def _receipt(self, agent_id: str, seq: Seq | None) -> None:
         if seq is not None:
             # After the events on the agent's bus shard: handled once storage
             # has them (see send_receipts).
@@ -375,6 +375,9 @@ class NetworkPlugin:
                 except aiomqtt.MqttError as exc:
                     # Agents send unreceipted batches again: nothing is lost.
                     logger.info("Receipts not sent: %s.", exc)
+                except Exception as exc:  # noqa: BLE001 - receipts must go on for the others
+                    hive.metrics.inc("mqtt.receipt_errors")
+                    logger.error("Receipts not sent: %s.", printable(exc), exc_info=exc)
 
     async def _flush_receipts(self, client: aiomqtt.Client) -> None:
         receipts, self._receipts = self._receipts, []
