@@ -63,8 +63,10 @@ class RuleSource:
         self.metrics.inc(f"{self.prefix}.reloads")
         self.metrics.set(f"{self.prefix}.rules", len(ruleset.rules))
         self.metrics.set(f"{self.prefix}.correlations", len(ruleset.correlations))
+        # Both the rules and the correlate plugins load the files: say which.
         logger.info(
-            "Loaded %d rules and %d correlations from %d files.",
+            "%s: loaded %d rules and %d correlations from %d files.",
+            self.prefix,
             len(ruleset.rules),
             len(ruleset.correlations),
             len(ruleset.texts),

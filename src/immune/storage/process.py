@@ -6,7 +6,9 @@ interpreter lock: the writer thread waits for the event loop at every
 statement. :class:`WriterProcess` moves the events' share of a batch to a
 child process with its own connection, so that the two halves run on two
 cores. Events cross a pipe as one MessagePack message per batch; the child
-answers with counts and the positions of rows the database refused.
+answers with counts and the positions of rows the database refused. Two
+batches may be in flight: the child reads the next while it writes one, and
+answers in order.
 
 Alerts and dead letters, a few rows per batch, are still written by the
 calling thread, after the events: rows are written in order, events first,
@@ -321,8 +323,10 @@ def _write_in_child(engine: Engine, sql: Statements, message: bytes) -> _Reply:
         out = write_batch(engine, sql, Batch(events=events))
     except Exception as exc:  # noqa: BLE001 - the parent decides what to do
         return _Reply(failed=db_reason(exc))
-    position = {id(item): i for i, item in enumerate(events)}
-    rejected = [(position[id(item)], why) for _table, item, why in out.rejected]
+    rejected = []
+    if out.rejected:  # rare: a map of the batch only then
+        position = {id(item): i for i, item in enumerate(events)}
+        rejected = [(position[id(item)], why) for _table, item, why in out.rejected]
     interrupted: Any = out.interrupted
     return _Reply(
         written=out.events_written,
