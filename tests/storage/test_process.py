@@ -164,31 +164,3 @@ async def test_store_two_batches_in_flight_each_get_their_own_answer(
     finally:
         await store.stop()
         store.close()
-
-
-async def test_store_writer_killed_with_two_batches_in_flight_loses_nothing(
-    sqlite_url: str,
-) -> None:
-    config = StorageConfig(batch_size=500, flush_interval=60)
-    store = Store(sqlite_url, config=config)
-    store.upgrade()
-    await store.start()
-    try:
-        events = [make_event() for _ in range(5000)]
-        await store.add_events(events)
-        flushing = asyncio.ensure_future(store.flush())
-        # Kill the child while batches are on their way to it or in it.
-        await wait_until(lambda: store.metrics.get("storage.flushes") >= 1)
-        os.kill(_child_pid(store), signal.SIGKILL)
-        await flushing
-        assert store.counts()["events"] == 5000
-        assert store.pending == 0
-        # A batch the child committed just before it died is written again
-        # by the new child, which finds its rows already there.
-        written = store.metrics.get("storage.events_written")
-        duplicate = store.metrics.get("storage.events_duplicate")
-        assert written <= 5000 <= written + duplicate
-        assert store.metrics.get("storage.writer_restarts") == 1
-    finally:
-        await store.stop()
-        store.close()
