@@ -231,6 +231,7 @@ async def test_hive_isolates_a_failing_plugin(tmp_path: Path) -> None:
     kept = hive.store.dead_letters()
     assert {d["source"] for d in kept} == {"plugin:broken"}
     assert all("RuntimeError: cannot handle" in d["reason"] for d in kept)
+    assert hive.metrics.get("deadletters") == len(kept) == 2  # in the status too
     assert len(hive.store.events()) == 2  # storage still got both
     hive.store.close()
 
@@ -332,3 +333,24 @@ async def test_hive_plugin_calling_sys_exit_is_failed_not_the_hive(
         listed["quitter"].error or ""
     )
     hive.store.close()
+
+
+async def test_run_hive_logs_its_status_line(
+    tmp_path: Path, mqtt_broker: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `immune hive` has no live table: it says how it is doing in its log.
+    from immune.runner import run_hive
+
+    prefix = f"immune-test/{uuid.uuid4().hex}"
+    config = make_config(
+        tmp_path, f"sqlite:///{tmp_path / 'h.db'}", mqtt_broker, prefix
+    )
+    stop = asyncio.Event()
+    caplog.set_level("INFO", logger="immune.runner")
+    task = asyncio.create_task(run_hive(config, stop, status_every=0.1))
+    await until(lambda: any("Status:" in r.getMessage() for r in caplog.records))
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    line = next(r.getMessage() for r in caplog.records if "Status:" in r.getMessage())
+    assert line.startswith("Status: 0 agents online, 0 events (0/s), 0 alerts, ")
+    assert line.endswith("0 rows waiting for the database.")

@@ -329,6 +329,7 @@ class Hive:
         raw = to_dict(message) if hasattr(message, "__struct_fields__") else message
         payload = encode({"topic": topic, "message": raw})
         reason = f"plugin {sub.owner} failed on {topic}: {type(exc).__name__}: {exc}"
+        self.metrics.inc("deadletters")
         await self.store.add_dead_letter(f"plugin:{sub.owner}", reason, payload)
 
     def _warn_rarely(self, key: str, msg: str, *args: Any) -> None:

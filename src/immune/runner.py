@@ -23,6 +23,8 @@ from immune.mqtt import parse_url
 logger = logging.getLogger(__name__)
 
 STATUS_EVERY = 1.0
+#: Seconds between two status lines in the log of ``immune hive``.
+STATUS_LOG_EVERY = 60.0
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -45,12 +47,21 @@ async def _broker_for(config: Config) -> AsyncIterator[str]:
         yield url
 
 
-async def run_hive(config: Config, stop: asyncio.Event | None = None) -> None:
-    """Run the hive until SIGINT/SIGTERM (or ``stop``)."""
+async def run_hive(
+    config: Config,
+    stop: asyncio.Event | None = None,
+    status_every: float = STATUS_LOG_EVERY,
+) -> None:
+    """Run the hive until SIGINT/SIGTERM (or ``stop``), logging its status."""
     stop = stop or asyncio.Event()
     _stop_on_signals(stop)
-    async with Hive(config):
-        await stop.wait()
+    async with Hive(config) as hive:
+        rate = _Rate()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), status_every)
+            if not stop.is_set():
+                logger.info("%s", status_line(hive, hive.metrics.snapshot(), rate))
 
 
 async def run_agent(config: Config, stop: asyncio.Event | None = None) -> None:
@@ -132,6 +143,19 @@ class _Rate:
         then, before = self.last
         self.last = (now, total)
         return (total - before) / max(now - then, 1e-6)
+
+
+def status_line(hive: Hive, m: dict[str, float], rate: _Rate) -> str:
+    """The status of ``immune hive``, one log line (``up`` shows a table)."""
+    per_second = rate.update(m)
+    return (
+        f"Status: {hive.agents_online()} agents online, "
+        f"{int(m.get('events.accepted', 0)):,} events ({per_second:,.0f}/s), "
+        f"{int(m.get('alerts.raised', 0)):,} alerts, "
+        f"{int(m.get('deadletters', 0)):,} dead letters, "
+        f"{int(m.get('agent.dropped', 0)):,} dropped by agents, "
+        f"{int(m.get('storage.pending', 0)):,} rows waiting for the database."
+    )
 
 
 def status_table(hive: Hive, m: dict[str, float], rate: float) -> Table:
