@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import platform
 import random
 import statistics
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from sigma_corpus import find_corpus  # this folder: the scripts run from it
 
 from immune import config as config_mod
 from immune.events import Alert, Event, now_ns
@@ -121,16 +121,12 @@ def make_stream(n: int, seed: int = 1) -> list[Event]:
 
 
 def corpus_dir(given: str | None) -> Path:
-    """The Sigma corpus: ``--corpus``, ``IMMUNE_SIGMA_CORPUS`` or beside the repo."""
-    for candidate in (
-        given,
-        os.environ.get("IMMUNE_SIGMA_CORPUS"),
-        str(REPO.parent / "shared" / "data" / "sigma-linux"),
-    ):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    msg = "Sigma corpus not found: pass --corpus, set IMMUNE_SIGMA_CORPUS or --no-sigma"
-    raise SystemExit(msg)
+    found = find_corpus(given)
+    if found is None:
+        msg = "Sigma corpus not found: pass --corpus or --no-sigma, or set"
+        msg += " IMMUNE_SIGMA_CORPUS"
+        raise SystemExit(msg)
+    return found
 
 
 def engine_rate(
@@ -305,7 +301,8 @@ async def paced_latency(
 def quantiles(samples: list[float]) -> str:
     if len(samples) < 2:
         return "n/a"
-    cuts = statistics.quantiles(samples, n=100)
+    # "inclusive": with few samples the default extrapolates past the largest.
+    cuts = statistics.quantiles(samples, n=100, method="inclusive")
     return (
         f"p50 {cuts[49] * 1e3:.2f} ms, p99 {cuts[98] * 1e3:.2f} ms, "
         f"max {max(samples) * 1e3:.2f} ms ({len(samples)} samples)"

@@ -165,7 +165,8 @@ async def hive_rate(
     }
 
 
-def corpus_dir(given: str | None) -> Path:
+def find_corpus(given: str | None) -> Path | None:
+    """The Sigma corpus: ``--corpus``, ``IMMUNE_SIGMA_CORPUS`` or beside the repo."""
     for candidate in (
         given,
         os.environ.get("IMMUNE_SIGMA_CORPUS"),
@@ -173,7 +174,15 @@ def corpus_dir(given: str | None) -> Path:
     ):
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
-    raise SystemExit("Sigma corpus not found: pass --corpus or set IMMUNE_SIGMA_CORPUS")
+    return None
+
+
+def corpus_dir(given: str | None) -> Path:
+    found = find_corpus(given)
+    if found is None:
+        msg = "Sigma corpus not found: pass --corpus or set IMMUNE_SIGMA_CORPUS"
+        raise SystemExit(msg)
+    return found
 
 
 def median_range(values: list[float], fmt: str = "{:,.0f}") -> str:
