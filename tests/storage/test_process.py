@@ -164,3 +164,26 @@ async def test_store_two_batches_in_flight_each_get_their_own_answer(
     finally:
         await store.stop()
         store.close()
+
+
+async def test_store_writer_process_checkpoints_the_wal_beside_the_writer(
+    tmp_path,
+) -> None:
+    # The child's own thread copies the WAL back into the database: the
+    # database file grows with the rows although the WAL is far below the
+    # 1,000 pages at which SQLite's commit would have done it itself.
+    path = tmp_path / "wal.db"
+    store = Store(f"sqlite:///{path}", config=StorageConfig(batch_size=500))
+    store.upgrade()
+    await store.start()
+    try:
+        before = path.stat().st_size
+        await store.add_events([make_event() for _ in range(1000)])
+        await store.flush()
+        wal = path.with_name("wal.db-wal").stat().st_size
+        assert wal < 1000 * 4096
+        await wait_until(lambda: path.stat().st_size > before + 100_000)
+        assert store.counts()["events"] == 1000
+    finally:
+        await store.stop()
+        store.close()

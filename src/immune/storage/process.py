@@ -26,12 +26,14 @@ import logging
 import multiprocessing
 import os
 import signal
+import sqlite3
 import sys
 import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
 import msgspec
+from sqlalchemy import event as sa_event
 from sqlalchemy.engine import URL, Engine
 
 from immune.errors import StorageError
@@ -306,6 +308,7 @@ def serve(conn: Connection, url: URL, busy_timeout: float) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     engine = make_engine(url, writer=True, busy_timeout=busy_timeout)
     sql = Statements.for_dialect(engine.dialect.name)
+    checkpoints = _Checkpointer.start(engine, url, busy_timeout)
     try:
         while True:
             try:
@@ -314,7 +317,65 @@ def serve(conn: Connection, url: URL, busy_timeout: float) -> None:
                 return
             conn.send_bytes(_encode(_write_in_child(engine, sql, message)))
     finally:
+        if checkpoints is not None:
+            checkpoints.stop()
         engine.dispose()
+
+
+class _Checkpointer:
+    """Moves a SQLite WAL back into the database beside the writer.
+
+    Left to SQLite, the commit that finds the WAL over 1,000 pages copies it
+    back and syncs both files itself, and the next batch waits for it: about
+    a fifth of the writer's time at full rate. Here a thread of the child
+    does it every ``EVERY`` seconds with a connection of its own (PASSIVE:
+    it never blocks the writer), while the writer goes on inserting;
+    SQLite's own checkpoint stays as a backstop for a WAL over
+    ``BACKSTOP_PAGES``.
+    """
+
+    EVERY = 0.2
+    BACKSTOP_PAGES = 16_000
+
+    def __init__(self, path: str, busy_timeout: float) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="immune-wal-checkpoint", daemon=True
+        )
+
+    @classmethod
+    def start(
+        cls, engine: Engine, url: URL, busy_timeout: float
+    ) -> _Checkpointer | None:
+        path = url.database
+        if engine.dialect.name != "sqlite" or not path or path == ":memory:":
+            return None
+
+        @sa_event.listens_for(engine, "connect")
+        def _backstop(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.execute(f"PRAGMA wal_autocheckpoint = {cls.BACKSTOP_PAGES}")
+
+        checkpointer = cls(path, busy_timeout)
+        checkpointer._thread.start()
+        return checkpointer
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+        try:
+            while not self._stop.wait(self.EVERY):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    # The writer's own checkpoint (the backstop) still works.
+                    logger.warning("WAL checkpoint failed: %s.", exc)
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(STOP_TIMEOUT)
 
 
 def _write_in_child(engine: Engine, sql: Statements, message: bytes) -> _Reply:
