@@ -367,6 +367,7 @@ def test_command_replayed_after_an_agent_restart_is_refused(keys, tmp_path) -> N
     restarted.attach(Spool(tmp_path / "agent.spool", 10))
     with pytest.raises(signing.CommandRefusedError, match="replayed"):
         restarted.check(MINE, payload, now_ns())
+    restarted.memory.close()
     # Expired ids are forgotten on reopening: the memory stays small.
     spool = Spool(tmp_path / "agent.spool", 10)
     assert spool.remembered_commands(now_ns() + 120 * SECOND) == {}

@@ -10,7 +10,9 @@ silent.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
 from pathlib import Path
 
@@ -55,6 +57,9 @@ class Spool:
     def __init__(self, path: str | Path, max_events: int) -> None:
         self.path = str(path)
         self.max_events = max_events
+        self._lock: int | None = None
+        if self.path != ":memory:":
+            self._lock = _lock(self.path)
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +71,7 @@ class Spool:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
+            self._unlock()
             msg = f"cannot open the spool {self.path}: {exc}; set [agent] spool"
             raise SpoolError(msg) from None
         self._count = self._scalar("SELECT count(*) FROM spool")
@@ -168,9 +174,40 @@ class Spool:
 
     def close(self) -> None:
         self._db.close()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the file releases its lock
+            self._lock = None
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
+
+
+def _lock(path: str) -> int:
+    """Hold ``<path>.lock`` for the life of the spool: one agent per spool.
+
+    Two agents on one spool would each count what the other added and
+    removed, and receipt each other's events.
+    """
+    lock_path = f"{path}.lock"
+    try:
+        Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        msg = f"cannot open the spool's lock {lock_path}: {exc}; set [agent] spool"
+        raise SpoolError(msg) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        msg = (
+            f"the spool {path} is in use by another agent on this host; stop it, "
+            "or give this one its own [agent] spool and agent id"
+        )
+        raise SpoolError(msg) from None
+    return fd
 
 
 class _Transaction:
