@@ -106,6 +106,12 @@ static void imm_emit(struct immune_record *rec)
 	bool queued = false;
 
 	spin_lock_irqsave(&ring.lock, flags);
+	/*
+	 * Stamp the time with the sequence number, under the lock: stamped
+	 * earlier, two CPUs could queue records in an order their times
+	 * contradict.
+	 */
+	rec->ts_ns = ktime_get_real_ns();
 	rec->seq = ++ring.seq;
 	ring.events++;
 	if (rec->reason)
@@ -163,7 +169,6 @@ static void imm_fill(struct immune_record *rec, u16 kind)
 	const struct cred *cred = current_cred();
 
 	memset(rec, 0, sizeof(*rec));
-	rec->ts_ns = ktime_get_real_ns();
 	rec->kind = kind;
 	rec->version = IMMUNE_RECORD_VERSION;
 	rec->pid = task_tgid_nr(current);
