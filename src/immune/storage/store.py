@@ -105,8 +105,7 @@ class Store:
     @property
     def pending(self) -> int:
         """Rows accepted but not yet written (including those being written)."""
-        queued = len(self._events) + len(self._alerts) + len(self._dead)
-        return queued + self._in_flight
+        return self._queued_rows() + self._in_flight
 
     # Lifecycle
 
